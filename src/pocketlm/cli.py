@@ -1,0 +1,162 @@
+"""The ``pocketlm`` command line."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import PocketError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Compress a Hugging Face causal LM into the best model that fits a device.")
+out = Console()
+
+
+def _fmt(v, nd=3):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) < 1e5 else f"{v:.3e}"
+    return str(v)
+
+
+def _bytes(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+@app.command()
+def info(model: str = typer.Argument("smollm2-135m", help="built-in name, .gguf file, model directory or hub id"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Architecture, parameters, layers, heads, KV heads, rope base and bytes of a model."""
+    from . import models
+
+    m, _, src = models.load(model)
+    d = models.info(m, src)
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    t = Table(title=f"{model}", show_header=False)
+    for k, v in d.items():
+        t.add_row(k, _bytes(v) if "bytes" in k else _fmt(v))
+    out.print(t)
+
+
+@app.command()
+def compress(
+    model: str = typer.Argument(..., help="built-in name, .gguf file, model directory or hub id"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe file"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="named preset (see `pocketlm presets`)"),
+    out_dir: Path = typer.Option(..., "--out", help="output directory (written atomically)"),
+    calib_windows: int = typer.Option(128, help="calibration windows"),
+    calib_len: int = typer.Option(2048, help="tokens per calibration window"),
+    calib_text: str = typer.Option("python-docs", help="calibration text: python-docs, a .txt file or hf:NAME:SPLIT"),
+    seed: int = typer.Option(0, help="seed for drawing calibration windows"),
+    offload: bool = typer.Option(False, help="keep layer activations on disk instead of RAM"),
+    eval_windows: int = typer.Option(4, help="WikiText-2 windows to measure base vs compressed (0: skip)"),
+    eval_len: int = typer.Option(2048, help="tokens per evaluation window"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+):
+    """Compress MODEL with a recipe or preset and write it to --out, with pocketlm.json."""
+    from . import models
+    from .context import CalibrationConfig
+    from .measure import perplexity
+    from .pipeline import compress as run
+    from .recipe import from_yaml, preset as get_preset
+
+    if (recipe is None) == (preset is None):
+        raise PocketError("give exactly one of --recipe FILE or --preset NAME")
+    rec = from_yaml(recipe) if recipe else get_preset(preset)
+    if out_dir.exists() and not overwrite:
+        raise PocketError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    if calib_windows < 1 or calib_len < 2:
+        raise PocketError("--calib-windows must be >= 1 and --calib-len >= 2")
+    t0 = time.perf_counter()
+    m, tok, src = models.load(model)
+    cal = CalibrationConfig(windows=calib_windows, seq_len=calib_len, text=calib_text, seed=seed, offload=offload)
+    res = run(m, rec, tokenizer=tok, calibration=cal)
+    res.source = src.describe()
+    if eval_windows > 0:
+        base, _, _ = models.load(model)
+        r = perplexity(res.model, tok, "wikitext2", eval_len, eval_windows, reference=base)
+        res.eval = r.to_dict()
+        del base
+    path = res.save(out_dir, overwrite=overwrite)
+    man = json.loads((path / "pocketlm.json").read_text())
+    _summary(model, rec.name, man, time.perf_counter() - t0, path)
+
+
+def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path) -> None:
+    size, ev = man["size"], man.get("eval") or {}
+    t = Table(title=f"pocketlm compress {model} ({recipe})")
+    t.add_column("")
+    t.add_column("base", justify="right")
+    t.add_column("compressed", justify="right")
+    if ev:
+        t.add_row(f"perplexity (wikitext2, {ev['windows']}x{ev['seq_len']}, {ev['dtype']})",
+                  _fmt(ev["ref_ppl"]), _fmt(ev["ppl"]))
+        t.add_row("KL divergence vs base (nats/token)", "0", _fmt(ev["kl"], 4))
+        t.add_row("top-1 agreement with base", "1", _fmt(ev["top1"], 4))
+    t.add_row("bits per weight, quantized linears", "16", _fmt(size["bpw_quantized"], 4))
+    t.add_row("bits per weight, whole model (others 16-bit)", "16", _fmt(size["bpw_model"], 4))
+    params = size["quantized_params"] + size["other_params_16bit"]
+    t.add_row("packed size", _bytes(params * 2), _bytes(size["packed_bytes"]))
+    t.add_row("compression time", "", f"{man['seconds']:.1f} s")
+    t.add_row("total time (load, compress, eval, save)", "", f"{total_s:.1f} s")
+    out.print(t)
+    out.print(f"wrote {path} ({_bytes(man['bytes_on_disk'])} on disk as float checkpoint)")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="built-in name, .gguf file, model directory or hub id"),
+    ppl: str = typer.Option("wikitext2", "--ppl", help="evaluation text: wikitext2, a .txt file or hf:NAME:CONFIG:SPLIT"),
+    windows: Optional[int] = typer.Option(None, help="number of windows (default: all, the standard protocol)"),
+    seq_len: int = typer.Option(2048, help="tokens per window (stride = window)"),
+    kl_against: Optional[str] = typer.Option(None, help="reference model for KL divergence and top-1 agreement"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
+):
+    """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement."""
+    from . import models
+    from .measure import perplexity
+
+    m, tok, _ = models.load(model, dtype=dtype)
+    ref = models.load(kl_against, dtype=dtype)[0] if kl_against else None
+    r = perplexity(m, tok, ppl, seq_len, windows, reference=ref)
+    d = r.to_dict()
+    print(json.dumps({"model": model, **d}))
+    if json_out:
+        json_out.write_text(json.dumps({"model": model, **d}, indent=2))
+
+
+@app.command()
+def presets():
+    """List the named presets."""
+    from .recipe import preset, preset_names
+
+    for name in preset_names():
+        out.print(f"[bold]{name}[/bold]: {preset(name).description}")
+
+
+def main() -> None:
+    import os
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own bar
+    try:
+        app()
+    except PocketError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

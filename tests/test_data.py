@@ -1,0 +1,28 @@
+import pytest
+import torch
+
+from pocketlm import PocketError
+from pocketlm.data import _bundled_path, calibration_windows, eval_windows, load_text, sha256
+
+
+def test_bundled_texts_are_the_published_files():
+    assert sha256(_bundled_path("wikitext2")) == "bbf94c53a05abe9ee670d3b6343608095822c85e26de37c70b24fc571964574a"
+    assert sha256(_bundled_path("python-docs")) == "8b10d7781bae2c1b161d423a28696bc2c02d4bc131899c12cb95a2eb5eed579c"
+    assert load_text("wikitext2").count("\n") + 1 == 2891
+
+
+def test_eval_windows_are_non_overlapping_prefix(tokenizer):
+    w = eval_windows(tokenizer, "wikitext2", seq_len=512, max_windows=3)
+    assert w.shape == (3, 512)
+    ids = tokenizer(load_text("wikitext2")[:20000], add_special_tokens=False).input_ids
+    assert w[0].tolist() == ids[:512] and w[1].tolist() == ids[512:1024]
+
+
+def test_calibration_windows_are_seeded_and_disjoint_from_eval(tokenizer):
+    a = calibration_windows(tokenizer, n=4, seq_len=64, seed=0)
+    b = calibration_windows(tokenizer, n=4, seq_len=64, seed=0)
+    c = calibration_windows(tokenizer, n=4, seq_len=64, seed=1)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (4, 64)
+    with pytest.raises(PocketError, match="evaluation data"):
+        calibration_windows(tokenizer, n=2, seq_len=64, text="wikitext2")

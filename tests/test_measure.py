@@ -1,0 +1,37 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pocketlm.measure import evaluate_windows
+from tests.conftest import make_tiny
+
+
+def test_perplexity_equals_a_hand_computation():
+    model = make_tiny(layers=2)
+    windows = torch.randint(0, 5000, (3, 50))
+    res = evaluate_windows(model, windows, chunk=16)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            logits = model(w[None]).logits[0]
+            logp = F.log_softmax(logits.double(), -1)
+            for t in range(w.numel() - 1):
+                total -= logp[t, w[t + 1]].item()
+                count += 1
+    assert res.tokens_scored == count == 3 * 49
+    assert math.isclose(res.ppl, math.exp(total / count), rel_tol=1e-5)
+
+
+def test_kl_against_itself_is_zero_and_against_a_perturbed_copy_positive():
+    model = make_tiny(layers=2)
+    other = make_tiny(layers=2)
+    other.load_state_dict(model.state_dict())
+    windows = torch.randint(0, 5000, (2, 40))
+    same = evaluate_windows(model, windows, reference=other)
+    assert abs(same.kl) < 1e-6 and same.top1 == 1.0 and math.isclose(same.ppl, same.ref_ppl, rel_tol=1e-6)
+    with torch.no_grad():
+        other.model.layers[0].mlp.up_proj.weight.mul_(3.0)
+    diff = evaluate_windows(model, windows, reference=other)
+    assert diff.kl > 1e-4 and diff.top1 < 1.0
+    assert math.isclose(diff.ppl, same.ppl, rel_tol=1e-6)  # the evaluated model did not change

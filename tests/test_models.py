@@ -1,0 +1,59 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pocketlm import PocketError, models
+
+
+def test_default_model_facts_and_sane_generation(smol):
+    model, tok, src = smol
+    d = models.info(model, src)
+    assert (d["architecture"], d["layers"], d["hidden_size"], d["attention_heads"], d["kv_heads"]) == ("llama", 30, 576, 9, 3)
+    assert d["rope_theta"] == 1e5 and d["tied_embeddings"]
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids.input_ids.shape[1]:])
+
+
+def test_saved_model_reloads_to_the_same_logits(tmp_path):
+    from tests.conftest import make_tiny
+
+    model = make_tiny(layers=2)
+    models.save(model, None, tmp_path / "m")
+    again, _, _ = models.load(str(tmp_path / "m")) if (tmp_path / "m" / "tokenizer.json").exists() else (None, None, None)
+    from transformers import AutoModelForCausalLM
+
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 1000, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(PocketError, match=r"unsupported architecture 'gpt2'; pocketlm supports: llama"):
+        models.ModelAdapter(m)
+
+
+def test_bad_model_specs_give_clear_errors(tmp_path):
+    with pytest.raises(PocketError, match="no such GGUF file"):
+        models.resolve(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 20)
+    with pytest.raises(PocketError, match="not a readable GGUF file"):
+        models.load(str(bad))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PocketError, match="no config.json"):
+        models.resolve(str(tmp_path / "empty"))
+
+
+def test_cli_error_is_one_line_without_trace(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pocketlm.cli", "info", str(tmp_path / "nope.gguf")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: no such GGUF file")
