@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(PY) bench/bench_rtn.py
+	$(PY) bench/bench_engine_memory.py
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -5,6 +5,7 @@ import torch
 
 os.environ.setdefault("POCKETLM_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 

@@ -85,6 +85,11 @@ class LayerProcessor:
     def observe(self, name: str, x: torch.Tensor) -> None:
         """Inputs of one hooked linear for one window, as (tokens, d_in)."""
 
+    def share(self, name: str, source: str, x: torch.Tensor) -> None:
+        """``name`` got the very same input tensor as ``source`` in this window (q/k/v, gate/up).
+        Processors whose statistics depend only on the input can alias instead of recomputing."""
+        self.observe(name, x)
+
     def process(self, layer: LayerView) -> None:
         """Transform the layer in place, after every window has been observed."""
 
@@ -139,12 +144,14 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                 prefix = f"{dec_prefix}.{idx}"
                 lin = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
                 view = LayerView(idx, prefix, layer, lin, inputs, kwargs)
-                handles = [m.register_forward_hook(_observer(processor, name))
+                last = {}  # the previous hooked input in this window, to detect shared inputs
+                handles = [m.register_forward_hook(_observer(processor, name, last))
                            for name, m in lin.items() if processor.wants(name)]
                 try:
                     with torch.inference_mode():
                         for i in range(len(inputs)):
                             outputs[i] = view.forward(inputs[i])
+                            last.clear()
                 finally:
                     for h in handles:
                         h.remove()
@@ -161,10 +168,15 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
         outputs.close()
 
 
-def _observer(processor: LayerProcessor, name: str):
+def _observer(processor: LayerProcessor, name: str, last: dict):
     def hook(module, args, output):
         x = args[0]
-        processor.observe(name, x.reshape(-1, x.shape[-1]))
+        flat = x.reshape(-1, x.shape[-1])
+        if last.get("x") is x:
+            processor.share(name, last["name"], flat)
+        else:
+            last["x"], last["name"] = x, name
+            processor.observe(name, flat)
 
     return hook
 

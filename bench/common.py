@@ -1,0 +1,61 @@
+"""Shared by the benchmarks: run one configuration in a fresh process (so its peak RSS is its
+own), print its JSON line and append it to bench/results/NAME.jsonl."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's high-water mark (VmHWM) so a phase's own peak can be read."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def hwm_mib() -> float:
+    """Peak RSS since the last reset_peak_rss (or since the start)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return peak_rss_mib()
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | None = None) -> None:
+    """Run ``script --one CONFIG`` for each config in its own process; collect its JSON line."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{bench}.jsonl"
+    out.write_text("")
+    for cfg in configs:
+        r = subprocess.run([sys.executable, script, "--one", cfg, *(extra or [])], capture_output=True, text=True,
+                           env={**os.environ, "POCKETLM_QUIET": "1", "TQDM_DISABLE": "1"})
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+        if r.returncode != 0 or not lines:
+            print(json.dumps({"bench": bench, "config": cfg, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}))
+            continue
+        print(lines[-1], flush=True)
+        with out.open("a") as f:
+            f.write(lines[-1] + "\n")
+
+
+def emit(record: dict) -> None:
+    record["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    record["threads"] = __import__("torch").get_num_threads()
+    record["date"] = time.strftime("%Y-%m-%d")
+    print(json.dumps(record), flush=True)

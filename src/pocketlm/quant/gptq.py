@@ -1,0 +1,134 @@
+"""GPTQ (Frantar et al., 2023): quantize a weight column by column, spreading each column's
+rounding error over the columns not yet quantized through the inverse Hessian of the layer's
+inputs, H = 2/N X X^T. See METHODS.md for the steps."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from ..calibrate import LayerView, run_layerwise
+from ..stages import register
+from ..stats import HessianProcessor
+from .grid import QuantizedWeight, QuantSpec, codes, fake_quant, find_params
+from .rtn import QuantStage
+
+
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int = 6) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); the damping
+    grows tenfold each time the factorisation fails."""
+    damp = percdamp * torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for _ in range(tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+        damp = damp * 10
+    raise RuntimeError("Hessian is not positive definite even with heavy damping")
+
+
+@torch.no_grad()
+def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
+         act_order: bool = False) -> tuple[torch.Tensor, QuantizedWeight, float]:
+    """Quantize ``W`` (d_out x d_in) given ``H`` (d_in x d_in).
+
+    Returns the dequantized weight, its codes/scales/zeros, and GPTQ's own loss estimate
+    sum((w - q)^2 / [H^-1]_jj) / 2. Groups are contiguous in the original column order; with
+    ``act_order`` their scales are fixed up front from the original weights ("static groups"),
+    so the stored format needs no permutation.
+    """
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    d_out, d_in = W.shape
+    gl = spec.group_len(d_in)
+    n_groups = spec.n_groups(d_in)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    scales = torch.zeros(d_out, n_groups, device=W.device)
+    zeros = torch.zeros(d_out, n_groups, device=W.device)
+    have = torch.zeros(n_groups, dtype=torch.bool)
+    if act_order:  # static groups: every group's grid from the original weights
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = find_params(W[:, g * gl : (g + 1) * gl], spec)
+        have[:] = True
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(d_in, device=W.device)
+
+    U = damped_inverse_cholesky(H, percdamp)
+    Q = torch.zeros_like(W)
+    loss = torch.zeros(d_out, device=W.device)
+    col_of = perm.tolist()
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = col_of[i1 + i]
+            g = col // gl
+            if not have[g]:  # first column of a group: its grid from the updated weights
+                block = W1[:, i : i + gl]
+                if block.shape[1] < min(gl, d_in - col):
+                    block = torch.cat([block, W[:, i2 : i2 + gl - block.shape[1]]], dim=1)
+                scales[:, g], zeros[:, g] = find_params(block, spec)
+                have[g] = True
+            w = W1[:, i]
+            d = U1[i, i]
+            q = fake_quant(w, scales[:, g], zeros[:, g], spec.maxq)
+            Q[:, i1 + i] = q
+            err = (w - q) / d
+            loss += (w - q) ** 2 / d**2 / 2
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    if act_order:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+    idx = torch.arange(d_in, device=W.device) // gl
+    q_codes = codes(Q, scales[:, idx], zeros[:, idx], spec.maxq).to(torch.uint8)
+    qw = QuantizedWeight(spec, q_codes.cpu(), scales.cpu(), zeros.to(torch.uint8).cpu())
+    return Q, qw, loss.sum().item()
+
+
+class GPTQProcessor(HessianProcessor):
+    def __init__(self, stage: "GPTQ", ctx):
+        super().__init__(stage.selects)
+        self.stage, self.ctx = stage, ctx
+        self.losses: dict[str, float] = {}
+
+    def process(self, layer: LayerView) -> None:
+        spec = self.stage.spec()
+        for name, lin in layer.linears.items():
+            if not self.wants(name):
+                continue
+            Q, qw, loss = gptq(lin.weight, self.hessian(name).to(self.ctx.device), spec, self.stage.blocksize,
+                               self.stage.damp, self.stage.act_order)
+            lin.weight.data.copy_(Q.to(lin.weight.dtype))
+            self.ctx.record_quant(name, qw, method="gptq")
+            self.losses[name] = loss
+        self.release_layer()
+
+
+@register
+class GPTQ(QuantStage):
+    method: Literal["gptq"] = "gptq"
+    act_order: bool = Field(True, description="quantize columns by descending diag(H), static groups")
+    blocksize: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0, description="damping as a fraction of mean(diag H)")
+
+    needs_calibration = True
+
+    def run(self, ctx) -> dict:
+        proc = GPTQProcessor(self, ctx)
+        run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="gptq")
+        return {"linears": len(proc.losses), "grid": self.spec().label(),
+                "gptq_loss": round(sum(proc.losses.values()), 4)}
