@@ -21,25 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, hwm_mib, peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
 
 
-class HessianStats:
-    modifies_layer = False
+def hessian_stats():
+    """The statistics GPTQ gathers (H for every linear), consumed layer by layer."""
+    from pocketlm.stats import HessianProcessor
 
-    def __init__(self):
-        self.H = {}
+    class Stats(HessianProcessor):
+        modifies_layer = False
 
-    def wants(self, name):
-        return True
+        def after(self, layer, outputs):
+            self.release_layer()
 
-    def observe(self, name, x):
-        x = x.float()
-        h = self.H.get(name)
-        self.H[name] = x.T @ x if h is None else h.addmm_(x.T, x)
-
-    def process(self, layer):
-        pass
-
-    def after(self, layer, outputs):
-        self.H.clear()  # a method consumes a layer's statistics before the next one
+    return Stats(lambda name: True)
 
 
 def main():
@@ -60,7 +52,7 @@ def main():
     model_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     act_mib = a.windows * a.seq_len * model.config.hidden_size * 4 / 2**20
     t = time.perf_counter()
-    run_layerwise(model, windows, HessianStats(), offload=a.offload)
+    run_layerwise(model, windows, hessian_stats(), offload=a.offload)
     secs = time.perf_counter() - t
     emit({"bench": "engine_memory", "windows": a.windows, "seq_len": a.seq_len, "offload": a.offload,
           "seconds": round(secs, 1), "tokens_per_s": round(a.windows * a.seq_len / secs, 1),

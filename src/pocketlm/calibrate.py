@@ -134,7 +134,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
     """Drive ``windows`` (n, L) token ids through the model layer by layer (see module doc)."""
     adapter = ModelAdapter(model)
     dec_prefix = _layers_prefix(model, adapter)
-    with torch.inference_mode():
+    with torch.no_grad():
         inputs, kwargs = capture_inputs(adapter, windows, offload)
     outputs = ActivationStore(inputs.n, windows.shape[1], model.config.hidden_size, model.dtype, offload)
     n_layers = len(adapter.layers)
@@ -148,7 +148,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                 handles = [m.register_forward_hook(_observer(processor, name, last))
                            for name, m in lin.items() if processor.wants(name)]
                 try:
-                    with torch.inference_mode():
+                    with torch.no_grad():
                         for i in range(len(inputs)):
                             outputs[i] = view.forward(inputs[i])
                             last.clear()
@@ -157,7 +157,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                         h.remove()
                 processor.process(view)
                 if processor.modifies_layer:
-                    with torch.inference_mode():
+                    with torch.no_grad():
                         for i in range(len(inputs)):
                             outputs[i] = view.forward(inputs[i])
                 processor.after(view, outputs)

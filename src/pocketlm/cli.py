@@ -60,6 +60,8 @@ def compress(
     offload: bool = typer.Option(False, help="keep layer activations on disk instead of RAM"),
     eval_windows: int = typer.Option(4, help="WikiText-2 windows to measure base vs compressed (0: skip)"),
     eval_len: int = typer.Option(2048, help="tokens per evaluation window"),
+    bpw: Optional[float] = typer.Option(None, help="budget in effective bits per weight (aptq)"),
+    nbytes: Optional[int] = typer.Option(None, "--bytes", help="budget in bytes of the whole model (aptq)"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
 ):
     """Compress MODEL with a recipe or preset and write it to --out, with pocketlm.json."""
@@ -67,11 +69,12 @@ def compress(
     from .context import CalibrationConfig
     from .measure import perplexity
     from .pipeline import compress as run
-    from .recipe import from_yaml, preset as get_preset
+    from .recipe import from_yaml, preset as get_preset, with_budget
 
     if (recipe is None) == (preset is None):
         raise PocketError("give exactly one of --recipe FILE or --preset NAME")
     rec = from_yaml(recipe) if recipe else get_preset(preset)
+    rec = with_budget(rec, bpw, nbytes)
     if out_dir.exists() and not overwrite:
         raise PocketError(f"{out_dir} already exists; choose another --out or pass --overwrite")
     if calib_windows < 1 or calib_len < 2:
@@ -133,6 +136,42 @@ def eval_cmd(
     print(json.dumps({"model": model, **d}))
     if json_out:
         json_out.write_text(json.dumps({"model": model, **d}, indent=2))
+
+
+@app.command()
+def analyze(
+    model: str = typer.Argument("smollm2-135m", help="built-in name, .gguf file, model directory or hub id"),
+    out_dir: Path = typer.Option(Path("analysis"), "--out", help="folder for sensitivity.json and the heat maps"),
+    calib_windows: int = typer.Option(16, help="calibration windows"),
+    calib_len: int = typer.Option(2048, help="tokens per calibration window"),
+    sensitivity: str = typer.Option("attention", help="attention (APTQ), hessian (plain 2XX^T) or trace"),
+    bits: str = typer.Option("2,3,4,5,6,8", help="bit widths to measure"),
+    group_size: int = typer.Option(128, help="group size of the measured grids"),
+):
+    """Per-linear quantization sensitivity: table, JSON and heat map (PNG) by layer and projection."""
+    from . import analyze as ana
+    from . import models
+
+    if sensitivity not in ("attention", "hessian", "trace"):
+        raise PocketError(f"unknown --sensitivity '{sensitivity}'; use attention, hessian or trace")
+    try:
+        bit_list = tuple(int(b) for b in bits.split(","))
+    except ValueError:
+        raise PocketError(f"--bits takes comma-separated integers, got '{bits}'") from None
+    if any(b < 2 or b > 8 for b in bit_list):
+        raise PocketError("--bits must lie in 2..8")
+    m, tok, _ = models.load(model)
+    res = ana.run(m, tok, out_dir, calib_windows, calib_len, sensitivity, bit_list, group_size)
+    label = res["specs"][min(1, len(res["specs"]) - 1)]
+    rows, cols, vals = ana.layer_table(res, label)
+    t = Table(title=f"{sensitivity} sensitivity of {model} at {label} (output error; higher = more sensitive)")
+    t.add_column("layer")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r, v in zip(rows, vals):
+        t.add_row(r, *[f"{x:.3g}" for x in v])
+    out.print(t)
+    out.print(f"wrote {out_dir}/sensitivity.json and heat maps")
 
 
 @app.command()

@@ -85,6 +85,25 @@ def from_yaml(path: str | Path) -> Recipe:
     return from_dict(data, str(path))
 
 
+def with_budget(recipe: Recipe, bpw: float | None = None, nbytes: int | None = None) -> Recipe:
+    """Set the budget of every stage that takes one (APTQ's bpw or bytes)."""
+    if bpw is None and nbytes is None:
+        return recipe
+    stages, hit = [], False
+    for s in recipe.stages:
+        if "bpw" in type(s).model_fields:
+            data = {**s.model_dump(), "bpw": bpw, "bytes": nbytes}
+            try:
+                s = type(s).model_validate(data)
+            except ValidationError as e:
+                raise PocketError(f"budget: {_one_line(e, type(s))}") from None
+            hit = True
+        stages.append(s)
+    if not hit:
+        raise PocketError(f"recipe '{recipe.name}' has no stage that takes a budget; --bpw/--bytes apply to aptq")
+    return recipe.model_copy(update={"stages": stages})
+
+
 def preset_names() -> list[str]:
     folder = resources.files("pocketlm") / "presets"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))

@@ -47,4 +47,4 @@ class Stage(BaseModel):
 
 def load_builtin_methods() -> None:
     """Import the modules that register pocketlm's own methods."""
-    from .quant import gptq, rtn  # noqa: F401
+    from .quant import aptq, gptq, rtn  # noqa: F401

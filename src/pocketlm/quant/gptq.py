@@ -100,20 +100,28 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
 
 
 class GPTQProcessor(HessianProcessor):
-    def __init__(self, stage: "GPTQ", ctx):
-        super().__init__(stage.selects)
-        self.stage, self.ctx = stage, ctx
+    """Quantizes each selected linear of a layer with GPTQ once the layer has been observed.
+    ``spec_for(name)`` gives each linear its grid (mixed precision); ``curvature(name, layer)``
+    may replace the plain H (APTQ's attention-aware curvature for q/k/v)."""
+
+    def __init__(self, ctx, select, spec_for, act_order=True, blocksize=128, damp=0.01, curvature=None,
+                 method="gptq"):
+        super().__init__(select)
+        self.ctx, self.spec_for, self.curvature = ctx, spec_for, curvature
+        self.act_order, self.blocksize, self.damp, self.method = act_order, blocksize, damp, method
         self.losses: dict[str, float] = {}
 
     def process(self, layer: LayerView) -> None:
-        spec = self.stage.spec()
+        extra = self.curvature(layer) if self.curvature else {}
         for name, lin in layer.linears.items():
             if not self.wants(name):
                 continue
-            Q, qw, loss = gptq(lin.weight, self.hessian(name).to(self.ctx.device), spec, self.stage.blocksize,
-                               self.stage.damp, self.stage.act_order)
+            H = extra.get(name)
+            H = self.hessian(name) if H is None else H
+            Q, qw, loss = gptq(lin.weight, H.to(self.ctx.device), self.spec_for(name), self.blocksize, self.damp,
+                               self.act_order)
             lin.weight.data.copy_(Q.to(lin.weight.dtype))
-            self.ctx.record_quant(name, qw, method="gptq")
+            self.ctx.record_quant(name, qw, method=self.method)
             self.losses[name] = loss
         self.release_layer()
 
@@ -128,7 +136,8 @@ class GPTQ(QuantStage):
     needs_calibration = True
 
     def run(self, ctx) -> dict:
-        proc = GPTQProcessor(self, ctx)
+        spec = self.spec()
+        proc = GPTQProcessor(ctx, self.selects, lambda name: spec, self.act_order, self.blocksize, self.damp)
         run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="gptq")
         return {"linears": len(proc.losses), "grid": self.spec().label(),
                 "gptq_loss": round(sum(proc.losses.values()), 4)}

@@ -1,0 +1,60 @@
+"""``pocketlm analyze``: per-linear quantization sensitivity of a model, as a table and a heat map."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .calibrate import run_layerwise
+from .data import calibration_windows
+from .fsutil import atomic_dir
+from .quant.aptq import ATTENTION_PROJECTIONS, SensitivityProcessor
+from .quant.grid import QuantSpec
+
+
+def sensitivity(model, windows: torch.Tensor, bits=(2, 3, 4, 5, 6, 8), group_size: int = 128,
+                mode: str = "attention", grad_windows: int = 4, select=None) -> dict:
+    """{linear: {spec label: cost}} plus shapes, from one analysis pass (model unchanged)."""
+    specs = [QuantSpec(bits=b, group_size=group_size) for b in bits]
+    select = select or (lambda n: ".layers." in n)
+    proc = SensitivityProcessor(select, specs, mode, list(ATTENTION_PROJECTIONS), grad_windows)
+    run_layerwise(model, windows, proc, description="sensitivity")
+    return {"mode": mode, "specs": [s.label() for s in specs], "costs": proc.costs,
+            "shapes": {n: list(s) for n, s in proc.shapes.items()}}
+
+
+def layer_table(result: dict, spec_label: str) -> tuple[list[str], list[str], np.ndarray]:
+    """Rows = decoder layers, columns = projections, values = cost at ``spec_label``."""
+    rows, cols = {}, []
+    for name, row in result["costs"].items():
+        parts = name.split(".")
+        i = next(k for k, p in enumerate(parts) if p.isdigit())
+        layer, proj = int(parts[i]), ".".join(parts[i + 1:])
+        proj = proj.split(".")[-1]
+        if proj not in cols:
+            cols.append(proj)
+        rows.setdefault(layer, {})[proj] = row[spec_label]
+    layers = sorted(rows)
+    vals = np.array([[rows[l].get(c, math.nan) for c in cols] for l in layers])
+    return [str(l) for l in layers], cols, vals
+
+
+def run(model, tokenizer, out: str | Path, windows: int, seq_len: int, mode: str, bits, group_size: int,
+        overwrite: bool = True) -> dict:
+    from .plots import heatmap
+
+    win = calibration_windows(tokenizer, windows, seq_len)
+    res = sensitivity(model, win, bits, group_size, mode)
+    res["calibration"] = {"windows": windows, "seq_len": seq_len}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "sensitivity.json").write_text(json.dumps(res, indent=1))
+        for b in (3, 4):
+            label = QuantSpec(bits=b, group_size=group_size).label()
+            if label in res["specs"]:
+                rows, cols, vals = layer_table(res, label)
+                heatmap(np.log10(np.maximum(vals, 1e-12)), rows, cols,
+                        f"{mode} sensitivity at {label}", "log10 output error", tmp / f"sensitivity-{label}.png")
+    return res

@@ -1,0 +1,24 @@
+"""PNG plots (matplotlib, no display needed)."""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def heatmap(values: np.ndarray, rows: list[str], cols: list[str], title: str, label: str, path: str | os.PathLike) -> None:
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.2 + 0.28 * len(rows)))
+    im = ax.imshow(values, aspect="auto", cmap="magma")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("projection")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

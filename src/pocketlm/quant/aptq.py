@@ -1,0 +1,176 @@
+"""APTQ (Guan et al., DAC 2024): attention-aware sensitivity and mixed precision from a budget.
+
+1. Analysis pass over a subset of the calibration windows (the model is not changed): for
+   every linear and every allowed (bits, group size), the error GPTQ leaves, measured at the
+   decoder layer's output with the attention-aware curvature (``sensitivity.py``).
+2. Allocation: the plan minimising the summed error with effective bits per weight (or file
+   bytes) within the budget, solved exactly (``allocate.py``).
+3. GPTQ pass over all calibration windows, sequentially, each linear at its planned grid;
+   q/k/v use the attention-aware Hessian.
+"""
+from __future__ import annotations
+
+import fnmatch
+import itertools
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..calibrate import LayerView, run_layerwise
+from ..errors import PocketError
+from ..stages import Stage, register
+from ..stats import HessianProcessor
+from .allocate import allocate
+from .gptq import GPTQProcessor, gptq
+from .grid import QuantSpec, quantize_weight
+from .sensitivity import layer_curvature
+
+ATTENTION_PROJECTIONS = ["*q_proj", "*k_proj", "*v_proj"]
+
+
+class SensitivityProcessor(HessianProcessor):
+    """Fills ``costs[name][spec label]`` without changing the model."""
+
+    modifies_layer = False
+
+    def __init__(self, select, specs: list[QuantSpec], mode: str, attention: list[str], grad_windows: int,
+                 act_order: bool = True, damp: float = 0.01, device: str = "cpu", targets=None):
+        super().__init__(select)
+        self.targets = targets
+        self.specs, self.mode, self.attention = specs, mode, attention
+        self.grad_windows, self.act_order, self.damp, self.device = grad_windows, act_order, damp, device
+        self.costs: dict[str, dict[str, float]] = {}
+        self.params: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
+
+    def process(self, layer: LayerView) -> None:
+        names = [n for n in layer.linears if self.wants(n)]
+        curv = layer_curvature(layer, names, self.grad_windows, targets=self.targets) \
+            if self.mode == "attention" else {}
+        for name in names:
+            W = layer.linears[name].weight.detach().float()
+            H = self.hessian(name)
+            self.shapes[name] = tuple(W.shape)
+            self.params[name] = W.numel()
+            row = {}
+            for spec in self.specs:
+                if self.mode == "trace":  # HAWQ-style: mean curvature x RTN noise
+                    dW = W - quantize_weight(W, spec).dequantize()
+                    row[spec.label()] = float(torch.trace(H) / H.shape[0] * dW.pow(2).sum())
+                    continue
+                aware = self.mode == "attention" and _matches(name, self.attention)
+                Hq = curv[name].A if aware else H
+                Q, _, _ = gptq(W, Hq.to(self.device), spec, percdamp=self.damp, act_order=self.act_order)
+                dW = W - Q.cpu()
+                if self.mode == "attention":
+                    row[spec.label()] = curv[name].cost(dW)
+                else:
+                    row[spec.label()] = float(((dW @ H) * dW).sum())
+            self.costs[name] = row
+        self.release_layer()
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def attention_hessians(patterns: list[str], select, grad_windows: int, targets=None):
+    """The curvature hook for GPTQProcessor: attention-aware A for q/k/v of each layer."""
+
+    def curvature(layer: LayerView) -> dict[str, torch.Tensor]:
+        names = [n for n in layer.linears if select(n) and _matches(n, patterns)]
+        if not names:
+            return {}
+        return {n: c.A for n, c in layer_curvature(layer, names, grad_windows, targets=targets).items()}
+
+    return curvature
+
+
+@register
+class APTQ(Stage):
+    method: Literal["aptq"] = "aptq"
+    bpw: float | None = Field(None, description="budget: effective bits per weight of the quantized linears")
+    bytes: int | None = Field(None, description="budget: bytes of the whole model (other tensors in 16-bit)")
+    bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], description="allowed bit widths")
+    group_sizes: list[int] = Field(default_factory=lambda: [128], description="allowed group sizes (-1 = per row)")
+    sym: bool = False
+    act_order: bool = True
+    sensitivity: Literal["attention", "hessian", "trace"] = "attention"
+    attention: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS),
+                                 description="linears whose curvature is taken through the attention")
+    analysis_windows: int = Field(16, ge=1, description="calibration windows for the sensitivity analysis")
+    grad_windows: int = Field(4, ge=1, description="windows backpropagated per layer for the curvature")
+    target: Literal["loss", "random"] = Field(
+        "loss", description="output direction of the curvature: the LM loss gradient at each layer's output "
+                            "(costs in one unit across layers) or random projections (per-layer Gauss-Newton)")
+    blocksize: int = Field(128, ge=1)
+    damp: float = Field(0.01, gt=0)
+
+    needs_calibration = True
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if (self.bpw is None) == (self.bytes is None):
+            raise ValueError("give exactly one budget: bpw or bytes")
+        if any(b < 2 or b > 8 for b in self.bits):
+            raise ValueError("bits must lie in 2..8")
+        if any(g != -1 and g < 1 for g in self.group_sizes):
+            raise ValueError("group sizes must be positive or -1")
+        return self
+
+    def specs(self) -> list[QuantSpec]:
+        return [QuantSpec(bits=b, group_size=g, sym=self.sym) for b, g in itertools.product(self.bits, self.group_sizes)]
+
+    def budget_bits(self, ctx, names: list[str]) -> int:
+        shapes = {n: tuple(ctx.module(n).weight.shape) for n in names}
+        params = sum(a * b for a, b in shapes.values())
+        smallest = sum(min(s.storage_bits(*shp) for s in self.specs()) for shp in shapes.values())
+        if self.bpw is not None:
+            budget = int(self.bpw * params)
+            what = f"{self.bpw} bpw"
+        else:
+            qnames = {f"{n}.weight" for n in names}
+            seen, other = set(), 0
+            for n, p in ctx.model.named_parameters():
+                if n not in qnames and p.data_ptr() not in seen:
+                    other += p.numel()
+                seen.add(p.data_ptr())
+            budget = self.bytes * 8 - 16 * other
+            what = f"{self.bytes} bytes"
+        if budget < smallest:
+            raise PocketError(
+                f"budget {what} is below the smallest allowed plan ({smallest / params:.4f} bpw with "
+                f"{min(self.bits)}-bit groups); raise the budget or allow fewer bits / larger groups")
+        return budget
+
+    def run(self, ctx) -> dict:
+        names = [n for n in ctx.linears() if self.selects(n)]
+        budget = self.budget_bits(ctx, names)
+        specs = self.specs()
+        windows = ctx.windows()
+        targets = None
+        if self.sensitivity == "attention" and self.target == "loss":
+            from .sensitivity import loss_gradients
+
+            targets = loss_gradients(ctx.model, windows[: self.grad_windows])
+        ana = SensitivityProcessor(self.selects, specs, self.sensitivity, self.attention, self.grad_windows,
+                                   self.act_order, self.damp, ctx.device, targets)
+        run_layerwise(ctx.model, windows[: self.analysis_windows], ana, offload=ctx.calibration.offload,
+                      description="aptq analysis")
+        options = [[(s.storage_bits(*ana.shapes[n]), ana.costs[n][s.label()]) for s in specs] for n in names]
+        plan = allocate(options, budget)
+        chosen = {n: specs[j] for n, j in zip(names, plan)}
+        curvature = attention_hessians(self.attention, self.selects, self.grad_windows, targets) \
+            if self.sensitivity == "attention" else None
+        proc = GPTQProcessor(ctx, self.selects, chosen.__getitem__, self.act_order, self.blocksize, self.damp,
+                             curvature=curvature, method="aptq")
+        run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="aptq gptq")
+        used = sum(options[k][j][0] for k, j in enumerate(plan))
+        params = sum(ana.params.values())
+        hist = {}
+        for s in chosen.values():
+            hist[s.label()] = hist.get(s.label(), 0) + 1
+        return {"budget_bits": budget, "planned_bits": used, "planned_bpw": round(used / params, 6),
+                "estimated_cost": sum(options[k][j][1] for k, j in enumerate(plan)), "plan_histogram": hist,
+                "sensitivity": self.sensitivity, "costs": ana.costs}

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from pocketlm import PocketError, compress
+from pocketlm.calibrate import LayerProcessor, run_layerwise
+from pocketlm.context import Context
+from pocketlm.quant.aptq import APTQ
+from pocketlm.quant.sensitivity import layer_curvature
+from tests.conftest import make_tiny
+
+
+def test_too_small_budget_fails_with_a_clear_message():
+    model = make_tiny(layers=2)
+    stage = APTQ(bpw=2.0, bits=[2, 3, 4], group_sizes=[128])
+    names = [n for n in Context(model=model).linears() if stage.selects(n)]
+    with pytest.raises(PocketError, match=r"budget 2.0 bpw is below the smallest allowed plan \(2\.\d+ bpw"):
+        stage.budget_bits(Context(model=model), names)
+
+
+def test_budget_needs_exactly_one_of_bpw_and_bytes():
+    with pytest.raises(ValueError, match="exactly one budget"):
+        APTQ()
+
+
+@pytest.mark.parametrize("mode,bpw", [("attention", 3.3), ("trace", 2.9)])
+def test_aptq_honours_the_budget_to_the_bit_and_mixes_widths(tokenizer, mode, bpw):
+    from pocketlm.data import calibration_windows
+
+    model = make_tiny(layers=2)
+    calib = calibration_windows(tokenizer, n=4, seq_len=64)
+    res = compress(model, {"stages": [{"method": "aptq", "bpw": bpw, "sensitivity": mode, "group_sizes": [32, -1],
+                                       "analysis_windows": 2, "grad_windows": 2}]},
+                   tokenizer=tokenizer, calibration=calib)
+    size = res.context.size_report()
+    stored = sum(r.storage_bits for r in res.context.quant.values())
+    assert stored <= int(bpw * size["quantized_params"]) and size["bpw_quantized"] <= bpw
+    assert size["bpw_quantized"] > bpw - 0.15  # the budget is spent, not wasted
+    assert len({(r.spec.bits, r.spec.group_size) for r in res.context.quant.values()}) > 1
+
+
+class _Curv(LayerProcessor):
+    modifies_layer = False
+
+    def __init__(self, name):
+        self.name, self.result = name, None
+
+    def process(self, layer):
+        if self.name in layer.linears:
+            self.result = (layer_curvature(layer, [self.name], windows=len(layer.inputs)), layer)
+
+
+@pytest.mark.parametrize("proj", ["self_attn.q_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"])
+def test_curvature_predicts_the_layer_output_error(proj):
+    """Gauss-Newton through the attention/MLP: the predicted cost of a small weight change
+    matches the squared change it causes at the layer's output."""
+    torch.manual_seed(0)
+    model = make_tiny(layers=1)
+    name = f"model.layers.0.{proj}"
+    windows = torch.randint(0, 3000, (24, 32))
+    proc = _Curv(name)
+    run_layerwise(model, windows, proc)
+    curv, layer = proc.result
+    lin = layer.linears[name]
+    dW = torch.randn_like(lin.weight) * 1e-3
+    with torch.no_grad():
+        before = [layer.forward(layer.inputs[i]).clone() for i in range(len(layer.inputs))]
+        lin.weight += dW
+        after = [layer.forward(layer.inputs[i]) for i in range(len(layer.inputs))]
+    n_tokens = sum(b.shape[1] for b in before)
+    actual = 2.0 / n_tokens * sum((a - b).pow(2).sum() for a, b in zip(after, before)).item()
+    predicted = curv[name].cost(dW)
+    assert 0.5 < predicted / actual < 2.0, (predicted, actual)
