@@ -131,41 +131,52 @@ def capture_inputs(adapter: ModelAdapter, windows: torch.Tensor, offload: bool =
 
 def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProcessor,
                   offload: bool = False, description: str = "layers") -> None:
-    """Drive ``windows`` (n, L) token ids through the model layer by layer (see module doc)."""
+    """Drive ``windows`` (n, L) token ids through the model layer by layer (see module doc).
+
+    A processor that modifies layers needs one activation buffer: the observing pass discards
+    its outputs, and the recomputing pass overwrites each window's input with its output.
+    A read-only processor gets the observing pass's outputs in a second buffer."""
     adapter = ModelAdapter(model)
     dec_prefix = _layers_prefix(model, adapter)
     with torch.no_grad():
         inputs, kwargs = capture_inputs(adapter, windows, offload)
-    outputs = ActivationStore(inputs.n, windows.shape[1], model.config.hidden_size, model.dtype, offload)
+    n, seq_len = windows.shape
+    outputs = None if processor.modifies_layer else \
+        ActivationStore(n, seq_len, model.config.hidden_size, model.dtype, offload)
     n_layers = len(adapter.layers)
     try:
-        with progress.bar(description, n_layers * len(inputs)) as advance:
+        with progress.bar(description, n_layers * n) as advance:
             for idx, layer in enumerate(adapter.layers):
                 prefix = f"{dec_prefix}.{idx}"
-                lin = {f"{prefix}.{n}": m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+                lin = {f"{prefix}.{k}": m for k, m in layer.named_modules() if isinstance(m, nn.Linear)}
                 view = LayerView(idx, prefix, layer, lin, inputs, kwargs)
                 last = {}  # the previous hooked input in this window, to detect shared inputs
                 handles = [m.register_forward_hook(_observer(processor, name, last))
                            for name, m in lin.items() if processor.wants(name)]
                 try:
                     with torch.no_grad():
-                        for i in range(len(inputs)):
-                            outputs[i] = view.forward(inputs[i])
+                        for i in range(n):
+                            out = view.forward(inputs[i])
+                            if outputs is not None:
+                                outputs[i] = out
                             last.clear()
                 finally:
                     for h in handles:
                         h.remove()
                 processor.process(view)
-                if processor.modifies_layer:
+                if outputs is None:
                     with torch.no_grad():
-                        for i in range(len(inputs)):
-                            outputs[i] = view.forward(inputs[i])
-                processor.after(view, outputs)
-                inputs, outputs = outputs, inputs
-                advance(len(inputs), note=f"{idx + 1}/{n_layers}")
+                        for i in range(n):
+                            inputs[i] = view.forward(inputs[i])
+                    processor.after(view, inputs)
+                else:
+                    processor.after(view, outputs)
+                    inputs, outputs = outputs, inputs
+                advance(n, note=f"{idx + 1}/{n_layers}")
     finally:
         inputs.close()
-        outputs.close()
+        if outputs is not None:
+            outputs.close()
 
 
 def _observer(processor: LayerProcessor, name: str, last: dict):
