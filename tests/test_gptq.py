@@ -85,3 +85,14 @@ def test_gptq_model_output_closer_than_rtn(tokenizer):
             return (m(test).logits - ref(test).logits).pow(2).mean().item()
 
     assert err("gptq") < 0.9 * err("rtn")
+
+
+def test_stacked_widths_equal_separate_runs():
+    from pocketlm.quant.gptq import gptq_widths
+
+    W, _, H = _layer(5, d_out=32, d_in=96)
+    spec = QuantSpec(bits=4, group_size=32)
+    stacked = gptq_widths(W, H, spec, [2, 3, 8], act_order=True)
+    for b in (2, 3, 8):
+        alone, _, _ = gptq(W, H, QuantSpec(bits=b, group_size=32), act_order=True)
+        torch.testing.assert_close(stacked[b], alone, rtol=0, atol=1e-6)

@@ -22,7 +22,7 @@ from ..errors import PocketError
 from ..stages import Stage, register
 from ..stats import HessianProcessor
 from .allocate import allocate
-from .gptq import GPTQProcessor, gptq
+from .gptq import GPTQProcessor, gptq_widths
 from .grid import QuantSpec, quantize_weight
 from .sensitivity import layer_curvature
 
@@ -54,19 +54,20 @@ class SensitivityProcessor(HessianProcessor):
             self.shapes[name] = tuple(W.shape)
             self.params[name] = W.numel()
             row = {}
-            for spec in self.specs:
-                if self.mode == "trace":  # HAWQ-style: mean curvature x RTN noise
+            if self.mode == "trace":  # HAWQ-style: mean curvature x RTN noise
+                for spec in self.specs:
                     dW = W - quantize_weight(W, spec).dequantize()
                     row[spec.label()] = float(torch.trace(H) / H.shape[0] * dW.pow(2).sum())
-                    continue
-                aware = self.mode == "attention" and _matches(name, self.attention)
-                Hq = curv[name].A if aware else H
-                Q, _, _ = gptq(W, Hq.to(self.device), spec, percdamp=self.damp, act_order=self.act_order)
-                dW = W - Q.cpu()
-                if self.mode == "attention":
-                    row[spec.label()] = curv[name].cost(dW)
-                else:
-                    row[spec.label()] = float(((dW @ H) * dW).sum())
+                self.costs[name] = row
+                continue
+            aware = self.mode == "attention" and _matches(name, self.attention)
+            Hq = (curv[name].A if aware else H).to(self.device)
+            for group in sorted({s.group_size for s in self.specs}):
+                same = [s for s in self.specs if s.group_size == group]
+                Qs = gptq_widths(W, Hq, same[0], [s.bits for s in same], percdamp=self.damp, act_order=self.act_order)
+                for s in same:
+                    dW = W - Qs[s.bits].cpu()
+                    row[s.label()] = curv[name].cost(dW) if self.mode == "attention" else float(((dW @ H) * dW).sum())
             self.costs[name] = row
         self.release_layer()
 

@@ -33,19 +33,22 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int 
 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-         act_order: bool = False) -> tuple[torch.Tensor, QuantizedWeight, float]:
+         act_order: bool = False, row_bits: torch.Tensor | None = None) -> tuple[torch.Tensor, QuantizedWeight, float]:
     """Quantize ``W`` (d_out x d_in) given ``H`` (d_in x d_in).
 
     Returns the dequantized weight, its codes/scales/zeros, and GPTQ's own loss estimate
     sum((w - q)^2 / [H^-1]_jj) / 2. Groups are contiguous in the original column order; with
     ``act_order`` their scales are fixed up front from the original weights ("static groups"),
-    so the stored format needs no permutation.
+    so the stored format needs no permutation. ``row_bits`` gives rows their own bit width
+    (several candidate widths of one matrix stacked; see ``gptq_widths``).
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     d_out, d_in = W.shape
     gl = spec.group_len(d_in)
     n_groups = spec.n_groups(d_in)
+    bits = torch.full((d_out,), float(spec.bits), device=W.device) if row_bits is None else row_bits.float().to(W.device)
+    maxq = 2**bits - 1
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -55,7 +58,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     have = torch.zeros(n_groups, dtype=torch.bool)
     if act_order:  # static groups: every group's grid from the original weights
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = find_params(W[:, g * gl : (g + 1) * gl], spec)
+            scales[:, g], zeros[:, g] = find_params(W[:, g * gl : (g + 1) * gl], spec, bits=bits)
         have[:] = True
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
@@ -78,11 +81,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
                 block = W1[:, i : i + gl]
                 if block.shape[1] < min(gl, d_in - col):
                     block = torch.cat([block, W[:, i2 : i2 + gl - block.shape[1]]], dim=1)
-                scales[:, g], zeros[:, g] = find_params(block, spec)
+                scales[:, g], zeros[:, g] = find_params(block, spec, bits=bits)
                 have[g] = True
             w = W1[:, i]
             d = U1[i, i]
-            q = fake_quant(w, scales[:, g], zeros[:, g], spec.maxq)
+            q = fake_quant(w, scales[:, g], zeros[:, g], maxq)
             Q[:, i1 + i] = q
             err = (w - q) / d
             loss += (w - q) ** 2 / d**2 / 2
@@ -94,9 +97,19 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
         inv = torch.argsort(perm)
         Q = Q[:, inv]
     idx = torch.arange(d_in, device=W.device) // gl
-    q_codes = codes(Q, scales[:, idx], zeros[:, idx], spec.maxq).to(torch.uint8)
+    q_codes = codes(Q, scales[:, idx], zeros[:, idx], maxq[:, None]).to(torch.uint8)
     qw = QuantizedWeight(spec, q_codes.cpu(), scales.cpu(), zeros.to(torch.uint8).cpu())
     return Q, qw, loss.sum().item()
+
+
+def gptq_widths(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, widths: list[int], **kw) -> dict[int, torch.Tensor]:
+    """GPTQ of one matrix at several bit widths in a single pass: rows are independent given H,
+    so the candidates are stacked row-wise. Returns {bits: dequantized weight}."""
+    d_out = W.shape[0]
+    stacked = W.detach().float().repeat(len(widths), 1)
+    row_bits = torch.tensor(widths, dtype=torch.float32).repeat_interleave(d_out)
+    Q, _, _ = gptq(stacked, H, spec, row_bits=row_bits, **kw)
+    return {b: Q[k * d_out : (k + 1) * d_out] for k, b in enumerate(widths)}
 
 
 class GPTQProcessor(HessianProcessor):

@@ -61,21 +61,25 @@ class QuantSpec(BaseModel):
 CLIP_RATIOS = torch.linspace(1.0, 0.7, 13)
 
 
-def find_params(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None):
-    """Scale and zero point for each row of ``w`` (rows x cols, one group per row).
+def find_params(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = None,
+                bits: torch.Tensor | None = None):
+    """Scale and zero point for each row of ``w`` (rows x cols, one group per row); ``bits``
+    optionally gives each row its own width (rows of several candidate grids stacked).
 
     With ``spec.clip``, the range is shrunk by the ratio (from 1.0 down to 0.7) that
     minimises the row's squared error, weighted per column by ``weight`` when given."""
     w = w.float()
     lo = w.min(dim=1).values.clamp(max=0)
     hi = w.max(dim=1).values.clamp(min=0)
+    bits = torch.full_like(lo, spec.bits) if bits is None else bits.to(lo)
     if not spec.clip:
-        return _params_from_range(lo, hi, spec)
+        return _params_from_range(lo, hi, spec, bits)
+    maxq = (2**bits - 1)[:, None]
     best_err = torch.full_like(lo, float("inf"))
-    best_s, best_z = _params_from_range(lo, hi, spec)
+    best_s, best_z = _params_from_range(lo, hi, spec, bits)
     for r in CLIP_RATIOS.tolist():
-        s, z = _params_from_range(lo * r, hi * r, spec)
-        err = (fake_quant(w, s[:, None], z[:, None], spec.maxq) - w).pow(2)
+        s, z = _params_from_range(lo * r, hi * r, spec, bits)
+        err = (fake_quant(w, s[:, None], z[:, None], maxq) - w).pow(2)
         err = (err * weight).sum(1) if weight is not None else err.sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -84,16 +88,16 @@ def find_params(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = 
     return best_s, best_z
 
 
-def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
+def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, bits: torch.Tensor):
     if spec.sym:
-        scale = torch.maximum(-lo, hi) / (2 ** (spec.bits - 1) - 1)
+        scale = torch.maximum(-lo, hi) / (2 ** (bits - 1) - 1)
     else:
-        scale = (hi - lo) / spec.maxq
+        scale = (hi - lo) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if spec.scale_bits == 16:
         scale = fp16_ceil(scale.clamp(min=2**-24))
     if spec.sym:
-        zero = torch.full_like(scale, 2 ** (spec.bits - 1))
+        zero = 2 ** (bits - 1)
     else:
         zero = torch.round(-lo / scale)
     return scale, zero
@@ -106,11 +110,14 @@ def fp16_ceil(x: torch.Tensor) -> torch.Tensor:
     return torch.where(h.float() < x, up, h).float()
 
 
-def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+def codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: "int | torch.Tensor") -> torch.Tensor:
+    q = torch.round(w / scale) + zero
+    if isinstance(maxq, torch.Tensor):
+        return torch.minimum(q.clamp(min=0), maxq)
+    return torch.clamp(q, 0, maxq)
 
 
-def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: "int | torch.Tensor") -> torch.Tensor:
     """Quantize and dequantize (the value the stored code reads back as)."""
     return scale * (codes(w, scale, zero, maxq) - zero)
 
