@@ -70,3 +70,18 @@ def test_curvature_predicts_the_layer_output_error(proj):
     actual = 2.0 / n_tokens * sum((a - b).pow(2).sum() for a, b in zip(after, before)).item()
     predicted = curv[name].cost(dW)
     assert 0.5 < predicted / actual < 2.0, (predicted, actual)
+
+
+def test_bytes_budget_is_honoured(tokenizer):
+    from pocketlm.data import calibration_windows
+
+    model = make_tiny(layers=2)
+    ctx = Context(model=model)
+    names = [n for n in ctx.linears() if ".layers." in n]
+    qparams = sum(ctx.module(n).weight.numel() for n in names)
+    budget = int((16 * ctx.other_params(names) + 3.2 * qparams) / 8)
+    res = compress(model, {"stages": [{"method": "aptq", "bytes": budget, "sensitivity": "trace",
+                                       "group_sizes": [32]}]},
+                   tokenizer=tokenizer, calibration=calibration_windows(tokenizer, n=2, seq_len=32))
+    # within budget, and less left over than the smallest upgrade (one bit more on a 64x64 linear)
+    assert budget - 64 * 64 // 8 < res.context.size_report()["packed_bytes"] <= budget

@@ -80,17 +80,22 @@ class Context:
     def record_quant(self, name: str, qw: QuantizedWeight, method: str) -> None:
         self.quant[name] = QuantRecord(method, qw.spec, qw.scales, qw.zeros, tuple(qw.codes.shape))
 
+    def other_params(self, quantized_linears) -> int:
+        """Parameters outside the given linears' weights (tied tensors counted once)."""
+        qnames = {f"{n}.weight" for n in quantized_linears}
+        seen, other = set(), 0
+        for n, p in self.model.named_parameters():
+            if n not in qnames and p.data_ptr() not in seen:
+                other += p.numel()
+            seen.add(p.data_ptr())
+        return other
+
     def size_report(self) -> dict:
         """Bits of the quantized linears (codes + scales + zeros) and of the whole model when
         the other tensors are kept in 16-bit."""
         q_bits = sum(r.storage_bits for r in self.quant.values())
         q_params = sum(r.shape[0] * r.shape[1] for r in self.quant.values())
-        seen, other = set(), 0
-        qnames = {f"{n}.weight" for n in self.quant}
-        for n, p in self.model.named_parameters():
-            if n not in qnames and p.data_ptr() not in seen:
-                other += p.numel()
-            seen.add(p.data_ptr())
+        other = self.other_params(self.quant)
         total_params = q_params + other
         total_bits = q_bits + 16 * other
         return {

@@ -131,13 +131,7 @@ class APTQ(Stage):
             budget = int(self.bpw * params)
             what = f"{self.bpw} bpw"
         else:
-            qnames = {f"{n}.weight" for n in names}
-            seen, other = set(), 0
-            for n, p in ctx.model.named_parameters():
-                if n not in qnames and p.data_ptr() not in seen:
-                    other += p.numel()
-                seen.add(p.data_ptr())
-            budget = self.bytes * 8 - 16 * other
+            budget = self.bytes * 8 - 16 * ctx.other_params(names)
             what = f"{self.bytes} bytes"
         if budget < smallest:
             raise PocketError(
