@@ -18,9 +18,13 @@ from .quant.grid import QuantSpec
 def sensitivity(model, windows: torch.Tensor, bits=(2, 3, 4, 5, 6, 8), group_size: int = 128,
                 mode: str = "attention", grad_windows: int = 4, select=None) -> dict:
     """{linear: {spec label: cost}} plus shapes, from one analysis pass (model unchanged)."""
+    from .quant.sensitivity import loss_gradients
+
     specs = [QuantSpec(bits=b, group_size=group_size) for b in bits]
     select = select or (lambda n: ".layers." in n)
-    proc = SensitivityProcessor(select, specs, mode, list(ATTENTION_PROJECTIONS), grad_windows)
+    # as APTQ does by default: each layer's output error weighted by the LM loss gradient there
+    targets = loss_gradients(model, windows[:grad_windows]) if mode == "attention" else None
+    proc = SensitivityProcessor(select, specs, mode, list(ATTENTION_PROJECTIONS), grad_windows, targets=targets)
     run_layerwise(model, windows, proc, description="sensitivity")
     return {"mode": mode, "specs": [s.label() for s in specs], "costs": proc.costs,
             "shapes": {n: list(s) for n, s in proc.shapes.items()}}
@@ -56,5 +60,5 @@ def run(model, tokenizer, out: str | Path, windows: int, seq_len: int, mode: str
             if label in res["specs"]:
                 rows, cols, vals = layer_table(res, label)
                 heatmap(np.log10(np.maximum(vals, 1e-12)), rows, cols,
-                        f"{mode} sensitivity at {label}", "log10 output error", tmp / f"sensitivity-{label}.png")
+                        f"{mode} sensitivity at {label}", "log10 estimated cost", tmp / f"sensitivity-{label}.png")
     return res
