@@ -88,3 +88,13 @@ def test_existing_output_is_refused_and_input_untouched(tmp_path, tokenizer):
     res = compress(model, "rtn-w8", tokenizer=tok)
     with pytest.raises(PocketError, match="already exists"):
         res.save(tmp_path / "out")
+
+
+def test_budget_override_applies_to_aptq_only():
+    from pocketlm.recipe import with_budget
+
+    r = with_budget(preset("aptq"), bpw=3.5)
+    assert r.stages[0].bpw == 3.5 and r.stages[0].bytes is None
+    assert preset("aptq").stages[0].bpw == 4.0  # the preset itself is untouched
+    with pytest.raises(PocketError, match="no stage that takes a budget"):
+        with_budget(preset("rtn-w8"), bpw=3.5)
