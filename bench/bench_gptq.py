@@ -20,8 +20,9 @@ from common import emit, run_configs  # noqa: E402
 DAMP = 0.1
 
 
-def gptq(bits, group):
-    return {"stages": [{"method": "gptq", "bits": bits, "group_size": group, "act_order": True, "damp": DAMP}]}
+def gptq(bits, group, **extra):
+    return {"stages": [{"method": "gptq", "bits": bits, "group_size": group, "act_order": True, "damp": DAMP,
+                        **extra}]}
 
 
 def aptq(bpw, sensitivity="attention"):
@@ -34,6 +35,7 @@ CONFIGS = {
     "rtn-w3-g128": {"stages": [{"method": "rtn", "bits": 3, "group_size": 128}]},
     "gptq-w4-g128": gptq(4, 128),
     "gptq-w3-g128": gptq(3, 128),
+    "gptq-w3-g128-clip": gptq(3, 128, clip=True),
     "gptq-w3-g32": gptq(3, 32),
     "gptq-w4-g32": gptq(4, 32),
     "aptq-3.0": aptq(3.0),

@@ -41,7 +41,6 @@ def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | 
     """Run ``script --one CONFIG`` for each config in its own process; collect its JSON line."""
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{bench}.jsonl"
-    out.write_text("")
     for cfg in configs:
         r = subprocess.run([sys.executable, script, "--one", cfg, *(extra or [])], capture_output=True, text=True,
                            env={**os.environ, "POCKETLM_QUIET": "1", "TQDM_DISABLE": "1"})
@@ -50,12 +49,23 @@ def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | 
             print(json.dumps({"bench": bench, "config": cfg, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}))
             continue
         print(lines[-1], flush=True)
-        with out.open("a") as f:
-            f.write(lines[-1] + "\n")
+        _replace_line(out, cfg, lines[-1])
 
 
-def emit(record: dict) -> None:
+def _replace_line(out: Path, cfg: str, line: str) -> None:
+    """Keep one line per configuration: a rerun replaces that configuration's old result."""
+    kept = [ln for ln in (out.read_text().splitlines() if out.exists() else [])
+            if ln.strip() and json.loads(ln).get("config") != cfg]
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text("".join(k + "\n" for k in [*kept, line]))
+    tmp.replace(out)
+
+
+def emit(record: dict) -> str:
+    """Print one result as a JSON line (with peak RSS, threads and date) and return the line."""
     record["peak_rss_mib"] = round(peak_rss_mib(), 1)
     record["threads"] = __import__("torch").get_num_threads()
     record["date"] = time.strftime("%Y-%m-%d")
-    print(json.dumps(record), flush=True)
+    line = json.dumps(record)
+    print(line, flush=True)
+    return line

@@ -57,3 +57,17 @@ def test_cli_error_is_one_line_without_trace(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: no such GGUF file")
+
+
+def test_device_names_are_checked_before_any_work():
+    import torch
+
+    from pocketlm.errors import PocketError
+    from pocketlm.models import check_device
+
+    assert check_device("cpu") == "cpu"
+    with pytest.raises(PocketError, match="unknown device"):
+        check_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(PocketError, match="no CUDA GPU"):
+            check_device("cuda")

@@ -67,8 +67,13 @@ class LayerView:
     inputs: ActivationStore
     kwargs: dict = field(repr=False, default_factory=dict)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.module.parameters()).device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.module(x, **self.kwargs)
+        """The layer's output for one window (inputs live on the CPU or disk; the layer may not)."""
+        out = self.module(x.to(self.device), **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -154,8 +159,9 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                 handles = [m.register_forward_hook(_observer(processor, name, last))
                            for name, m in lin.items() if processor.wants(name)]
                 try:
+                    # the observing pass; a modifying processor that hooks nothing skips it
                     with torch.no_grad():
-                        for i in range(n):
+                        for i in range(n if handles or outputs is not None else 0):
                             out = view.forward(inputs[i])
                             if outputs is not None:
                                 outputs[i] = out

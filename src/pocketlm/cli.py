@@ -63,6 +63,7 @@ def compress(
     bpw: Optional[float] = typer.Option(None, help="budget in effective bits per weight (aptq)"),
     nbytes: Optional[int] = typer.Option(None, "--bytes", help="budget in bytes of the whole model (aptq)"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    device: str = typer.Option("cpu", help="where to compress: cpu, cuda or cuda:N"),
 ):
     """Compress MODEL with a recipe or preset and write it to --out, with pocketlm.json."""
     from . import models
@@ -79,13 +80,14 @@ def compress(
         raise PocketError(f"{out_dir} already exists; choose another --out or pass --overwrite")
     if calib_windows < 1 or calib_len < 2:
         raise PocketError("--calib-windows must be >= 1 and --calib-len >= 2")
+    device = models.check_device(device)
     t0 = time.perf_counter()
-    m, tok, src = models.load(model)
+    m, tok, src = models.load(model, device=device)
     cal = CalibrationConfig(windows=calib_windows, seq_len=calib_len, text=calib_text, seed=seed, offload=offload)
-    res = run(m, rec, tokenizer=tok, calibration=cal)
+    res = run(m, rec, tokenizer=tok, calibration=cal, device=device)
     res.source = src.describe()
     if eval_windows > 0:
-        base, _, _ = models.load(model)
+        base, _, _ = models.load(model, device=device)
         r = perplexity(res.model, tok, "wikitext2", eval_len, eval_windows, reference=base)
         res.eval = r.to_dict()
         del base

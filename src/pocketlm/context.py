@@ -58,6 +58,10 @@ class Context:
     calib_windows: torch.Tensor | None = None
     quant: dict[str, QuantRecord] = field(default_factory=dict)
     device: str = "cpu"
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned linears: True = weight kept
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)  # their weights before pruning, if kept
+    keep_dense: bool = False  # a later stage (a mask rebuild) needs the dense weights
+    pruned_by: str | None = None  # the method that chose the masks
 
     def __post_init__(self):
         self.adapter = ModelAdapter(self.model)
@@ -77,6 +81,34 @@ class Context:
             self.calib_windows = calibration_windows(self.tokenizer, c.windows, c.seq_len, c.text, c.seed)
         return self.calib_windows
 
+    def prune(self, name: str, keep: torch.Tensor, method: str) -> None:
+        """Zero the weights of linear ``name`` outside ``keep`` and remember the mask (and, when a
+        later stage needs them, the dense weights)."""
+        lin = self.module(name)
+        with torch.no_grad():
+            if self.keep_dense and name not in self.dense:
+                self.dense[name] = lin.weight.detach().to("cpu", copy=True)
+            lin.weight.mul_(keep.to(lin.weight.device, lin.weight.dtype))
+        self.masks[name] = keep.to("cpu", torch.bool)
+        self.pruned_by = method
+
+    def rename_layers(self, mapping: dict[int, int], prefix: str) -> None:
+        """Follow a change of decoder-layer indices (layer removal) in the per-linear records;
+        records of removed layers are dropped."""
+        def move(d: dict) -> dict:
+            out = {}
+            for name, v in d.items():
+                head = f"{prefix}."
+                if not name.startswith(head):
+                    out[name] = v
+                    continue
+                idx, rest = name[len(head):].split(".", 1)
+                if int(idx) in mapping:
+                    out[f"{head}{mapping[int(idx)]}.{rest}"] = v
+            return out
+
+        self.quant, self.masks, self.dense = move(self.quant), move(self.masks), move(self.dense)
+
     def record_quant(self, name: str, qw: QuantizedWeight, method: str) -> None:
         self.quant[name] = QuantRecord(method, qw.spec, qw.scales, qw.zeros, tuple(qw.codes.shape))
 
@@ -92,15 +124,30 @@ class Context:
 
     def size_report(self) -> dict:
         """Bits of the quantized linears (codes + scales + zeros) and of the whole model when
-        the other tensors are kept in 16-bit."""
-        q_bits = sum(r.storage_bits for r in self.quant.values())
+        the other tensors are kept in 16-bit. A pruned linear stores a bitmask (1 bit per
+        weight) and only its kept weights (quantized or 16-bit)."""
+        q_bits = 0
+        for name, r in self.quant.items():
+            keep = self.masks.get(name)
+            if keep is None:
+                q_bits += r.storage_bits
+            else:
+                n_groups = r.spec.n_groups(r.shape[1])
+                q_bits += int(keep.sum()) * r.spec.bits + r.shape[0] * n_groups * r.spec.param_bits + keep.numel()
         q_params = sum(r.shape[0] * r.shape[1] for r in self.quant.values())
-        other = self.other_params(self.quant)
-        total_params = q_params + other
-        total_bits = q_bits + 16 * other
+        sparse_only = {n: k for n, k in self.masks.items() if n not in self.quant}
+        s_bits = sum(int(k.sum()) * 16 + k.numel() for k in sparse_only.values())
+        s_params = sum(k.numel() for k in sparse_only.values())
+        other = self.other_params([*self.quant, *sparse_only])
+        total_params = q_params + s_params + other
+        total_bits = q_bits + s_bits + 16 * other
+        kept = sum(int(k.sum()) for k in self.masks.values())
+        total_masked = sum(k.numel() for k in self.masks.values())
         return {
             "quantized_params": q_params,
             "bpw_quantized": round(q_bits / q_params, 6) if q_params else None,
+            "pruned_params": total_masked,
+            "sparsity": round(1 - kept / total_masked, 6) if total_masked else None,
             "other_params_16bit": other,
             "bpw_model": round(total_bits / total_params, 6),
             "packed_bytes": total_bits // 8,

@@ -124,8 +124,25 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     except (OSError, ValueError) as e:
         raise PocketError(f"could not load the weights of {source.describe()}: {str(e).splitlines()[0]}") from None
     model = _plain(model) if source.kind == "gguf" else model
+    if source.kind == "dir" and (Path(source.path) / "sparse.safetensors").is_file():
+        from . import sparse
+
+        sparse.restore(model, Path(source.path) / sparse.FILE)
     model.to(device).eval()
     return model, load_tokenizer(source), source
+
+
+def check_device(device: str) -> str:
+    """Validate a device name: cpu, cuda or cuda:N (a GPU must be present for cuda)."""
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise PocketError(f"device '{device}' asked for but torch sees no CUDA GPU here; use --device cpu")
+        if ":" in device and int(device[5:]) >= torch.cuda.device_count():
+            raise PocketError(f"no {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return device
+    raise PocketError(f"unknown device '{device}'; use cpu, cuda or cuda:N")
 
 
 def check_architecture(config) -> None:
@@ -147,9 +164,16 @@ def _plain(model: nn.Module) -> nn.Module:
     return model
 
 
-def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike) -> None:
-    """Save as a transformers directory with safetensors weights."""
-    model.save_pretrained(out_dir, safe_serialization=True)
+def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, masks: dict | None = None) -> None:
+    """Save as a transformers directory with safetensors weights. Pruned linears (``masks``)
+    go to ``sparse.safetensors`` as bitmask + kept values instead of the dense file."""
+    state = None
+    if masks:
+        from . import sparse
+
+        held = set(sparse.save(model, masks, Path(out_dir) / sparse.FILE))
+        state = {k: v for k, v in model.state_dict().items() if k not in held}
+    model.save_pretrained(out_dir, state_dict=state)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 
@@ -179,6 +203,15 @@ class ModelAdapter:
     @property
     def norm(self) -> nn.Module:
         return self.decoder.norm
+
+    def blocks(self, layer: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+        """The residual blocks of a pre-norm decoder layer, in order, as (kind, norm, block):
+        x -> x + attn(norm1(x)) -> h + mlp(norm2(h))."""
+        parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+        if not all(hasattr(layer, p) for p in parts):
+            raise PocketError(f"{type(layer).__name__} is not a pre-norm attention + MLP layer; "
+                              "block-wise methods support Llama-family layers only")
+        return [("attention", layer.input_layernorm, layer.self_attn), ("mlp", layer.post_attention_layernorm, layer.mlp)]
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden states, so callers can apply the head in chunks."""

@@ -53,7 +53,7 @@ class CompressionResult:
         """Write the model (transformers directory, safetensors), the recipe, the quantizer's
         scales and zero points, and ``pocketlm.json``; all or nothing."""
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            models.save(self.model, self.tokenizer, tmp)
+            models.save(self.model, self.tokenizer, tmp, masks=self.context.masks)
             (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
             if self.context.quant:
                 tensors = {}
@@ -79,7 +79,8 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         source = model
         model, tokenizer, _ = models.load(model, device=device)
     recipe = resolve_recipe(recipe)
-    ctx = Context(model=model, tokenizer=tokenizer, device=device)
+    ctx = Context(model=model, tokenizer=tokenizer, device=device,
+                  keep_dense=any(s.needs_dense_weights for s in recipe.stages))
     if isinstance(calibration, torch.Tensor):
         ctx.calib_windows = calibration
     elif calibration is not None:

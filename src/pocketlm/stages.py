@@ -35,6 +35,8 @@ class Stage(BaseModel):
 
     #: Whether the stage needs calibration windows.
     needs_calibration: ClassVar[bool] = False
+    #: Whether the stage needs the weights as they were before pruning (a mask rebuild).
+    needs_dense_weights: ClassVar[bool] = False
 
     def selects(self, name: str) -> bool:
         hit = any(fnmatch.fnmatchcase(name, p) for p in self.targets)
@@ -47,4 +49,5 @@ class Stage(BaseModel):
 
 def load_builtin_methods() -> None:
     """Import the modules that register pocketlm's own methods."""
+    from .prune import barber, magnitude, shortgpt, sparsegpt, wanda  # noqa: F401
     from .quant import aptq, gptq, rtn  # noqa: F401

@@ -66,7 +66,7 @@ class SensitivityProcessor(HessianProcessor):
                 same = [s for s in self.specs if s.group_size == group]
                 Qs = gptq_widths(W, Hq, same[0], [s.bits for s in same], percdamp=self.damp, act_order=self.act_order)
                 for s in same:
-                    dW = W - Qs[s.bits].cpu()
+                    dW = W - Qs[s.bits].to(W.device)
                     row[s.label()] = curv[name].cost(dW) if self.mode == "attention" else float(((dW @ H) * dW).sum())
             self.costs[name] = row
         self.release_layer()

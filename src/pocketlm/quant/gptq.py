@@ -33,14 +33,17 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int 
 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
-         act_order: bool = False, row_bits: torch.Tensor | None = None) -> tuple[torch.Tensor, QuantizedWeight, float]:
+         act_order: bool = False, row_bits: torch.Tensor | None = None,
+         keep: torch.Tensor | None = None) -> tuple[torch.Tensor, QuantizedWeight, float]:
     """Quantize ``W`` (d_out x d_in) given ``H`` (d_in x d_in).
 
     Returns the dequantized weight, its codes/scales/zeros, and GPTQ's own loss estimate
     sum((w - q)^2 / [H^-1]_jj) / 2. Groups are contiguous in the original column order; with
     ``act_order`` their scales are fixed up front from the original weights ("static groups"),
     so the stored format needs no permutation. ``row_bits`` gives rows their own bit width
-    (several candidate widths of one matrix stacked; see ``gptq_widths``).
+    (several candidate widths of one matrix stacked; see ``gptq_widths``). ``keep`` is
+    a pruning mask to preserve: pruned weights stay exactly zero and their error is spread
+    like any rounding error.
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float()
@@ -64,6 +67,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
         W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(d_in, device=W.device)
+    if keep is not None:
+        keep = keep.to(W.device)[:, perm].float()
 
     U = damped_inverse_cholesky(H, percdamp)
     Q = torch.zeros_like(W)
@@ -86,6 +91,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
             w = W1[:, i]
             d = U1[i, i]
             q = fake_quant(w, scales[:, g], zeros[:, g], maxq)
+            if keep is not None:
+                q = q * keep[:, i1 + i]
             Q[:, i1 + i] = q
             err = (w - q) / d
             loss += (w - q) ** 2 / d**2 / 2
@@ -132,7 +139,7 @@ class GPTQProcessor(HessianProcessor):
             H = extra.get(name)
             H = self.hessian(name) if H is None else H
             Q, qw, loss = gptq(lin.weight, H.to(self.ctx.device), self.spec_for(name), self.blocksize, self.damp,
-                               self.act_order)
+                               self.act_order, keep=self.ctx.masks.get(name))
             lin.weight.data.copy_(Q.to(lin.weight.dtype))
             self.ctx.record_quant(name, qw, method=self.method)
             self.losses[name] = loss

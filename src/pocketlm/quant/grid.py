@@ -45,10 +45,14 @@ class QuantSpec(BaseModel):
     def group_len(self, d_in: int) -> int:
         return d_in if self.group_size == -1 else self.group_size
 
+    @property
+    def param_bits(self) -> int:
+        """Bits stored per group: its scale, and its zero point when asymmetric."""
+        return self.scale_bits + (0 if self.sym else self.bits)
+
     def storage_bits(self, d_out: int, d_in: int) -> int:
         """Every bit stored for a d_out x d_in matrix: codes, scales and zero points."""
-        per_group = self.scale_bits + (0 if self.sym else self.bits)
-        return d_out * d_in * self.bits + d_out * self.n_groups(d_in) * per_group
+        return d_out * d_in * self.bits + d_out * self.n_groups(d_in) * self.param_bits
 
     def bpw(self, d_out: int, d_in: int) -> float:
         return self.storage_bits(d_out, d_in) / (d_out * d_in)

@@ -25,6 +25,7 @@ class Curvature:
     v: torch.Tensor  # d_out, output-dimension weights
 
     def cost(self, dW: torch.Tensor) -> float:
+        dW = dW.to(self.A.device)
         return float((((dW @ self.A) * dW).sum(1) * self.v).sum())
 
 
@@ -35,6 +36,8 @@ def loss_gradients(model, windows: torch.Tensor) -> list[torch.Tensor]:
     from ..models import ModelAdapter
 
     layers = ModelAdapter(model).layers
+    dev = next(model.parameters()).device
+    windows = windows.to(dev)
     outs: dict[int, torch.Tensor] = {}
 
     def hook(i):
@@ -57,7 +60,7 @@ def loss_gradients(model, windows: torch.Tensor) -> list[torch.Tensor]:
                 loss = torch.nn.functional.cross_entropy(logits, windows[w, 1:], reduction="sum")
                 loss.backward()
             for i in range(len(layers)):
-                grads[i][w] = outs[i].grad[0].float()
+                grads[i][w] = outs[i].grad[0].float().cpu()
             outs.clear()
     finally:
         for h in handles:
@@ -86,18 +89,18 @@ def layer_curvature(layer: LayerView, names: list[str], windows: int, seed: int 
     gen = torch.Generator(device="cpu").manual_seed(seed + 7919 * layer.index)
     try:
         for i in range(min(windows, len(layer.inputs))):
-            x = layer.inputs[i].detach().clone().requires_grad_(True)
+            x = layer.inputs[i].detach().to(layer.device).requires_grad_(True)
             with torch.enable_grad():
                 out = layer.forward(x)
                 if targets is not None:
                     r = targets[layer.index][i : i + 1].to(out)
                 else:
-                    r = torch.randn(out.shape, generator=gen).to(out)
+                    r = torch.randn(out.shape, generator=gen).to(out)  # drawn on the CPU: same on any device
                 grads = torch.autograd.grad(out, [caps[n][1] for n in names], grad_outputs=r, allow_unused=True)
             for n, g in zip(names, grads):
                 xin = caps[n][0].reshape(-1, caps[n][0].shape[-1]).float()
                 if g is None:
-                    g2 = torch.zeros(xin.shape[0], layer.linears[n].out_features)
+                    g2 = torch.zeros(xin.shape[0], layer.linears[n].out_features, device=xin.device)
                 else:
                     g2 = g.reshape(-1, g.shape[-1]).float().pow(2)
                 w = g2.sum(1)

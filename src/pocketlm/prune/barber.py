@@ -1,0 +1,239 @@
+"""LLM-Barber (Su, Guan et al., 2024): rebuild the mask of an already-pruned model, block by
+block, without retraining.
+
+For each decoder layer, attention block first, then the MLP block: the block's input goes to the
+sparse block and to a dense copy (the weights before pruning); the gradient G of
+MSE(dense output, sparse output) with respect to the dense weights gives the score
+S = |W| * sqrt(mean over windows of G^2). Among pruned weights sorted by S descending and kept
+weights sorted ascending, r pairs have the pruned weight scoring higher; the top floor(alpha*r)
+pairs swap (the regrown weight gets its dense value, the dropped one becomes zero), so the
+number of kept weights never changes. Rankings run over the whole block, each linear, or each
+output row; with an N:M mask, swaps stay inside one M-group so the pattern holds.
+"""
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch.func import functional_call
+
+from ..calibrate import LayerProcessor, LayerView, run_layerwise
+from ..errors import PocketError
+from ..models import ModelAdapter
+from ..stages import Stage, register
+
+#: Defaults by the pruner that chose the masks (METHODS.md): (alpha, granularity).
+DEFAULTS = {"wanda": (0.01, "row"), "magnitude": (0.1, "block"), "sparsegpt": (0.1, "layer")}
+
+
+def swap_count(pruned: torch.Tensor, kept: torch.Tensor, alpha: float) -> int:
+    """floor(alpha * r), r = pairs (i-th best pruned vs i-th worst kept) where pruned wins."""
+    n = min(pruned.numel(), kept.numel())
+    if n == 0:
+        return 0
+    p = pruned.sort(descending=True).values[:n]
+    k = kept.sort().values[:n]
+    return math.floor(alpha * int((p > k).sum()))
+
+
+def rebuild_flat(score: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
+    """One ranking over all entries: the new keep-mask."""
+    s, m = score.reshape(-1), keep.reshape(-1)
+    p_idx, k_idx = (~m).nonzero().squeeze(1), m.nonzero().squeeze(1)
+    n = swap_count(s[p_idx], s[k_idx], alpha)
+    new = m.clone()
+    if n:
+        new[p_idx[s[p_idx].topk(n).indices]] = True
+        new[k_idx[s[k_idx].topk(n, largest=False).indices]] = False
+    return new.reshape(keep.shape)
+
+
+def rebuild_rows(score: torch.Tensor, keep: torch.Tensor, alpha: float) -> torch.Tensor:
+    """A ranking per output row."""
+    inf = torch.tensor(float("inf"))
+    p_sorted, p_idx = torch.where(keep, -inf, score).sort(dim=1, descending=True)
+    k_sorted, k_idx = torch.where(keep, score, inf).sort(dim=1)
+    wins = (p_sorted > k_sorted) & torch.isfinite(p_sorted) & torch.isfinite(k_sorted)
+    n = torch.floor(alpha * wins.sum(1).float()).long()
+    take = torch.arange(keep.shape[1])[None, :] < n[:, None]
+    new = keep.clone()
+    new.scatter_(1, p_idx, torch.where(take, True, new.gather(1, p_idx)))
+    new.scatter_(1, k_idx, torch.where(take, False, new.gather(1, k_idx)))
+    return new
+
+
+def rebuild_nm(score: torch.Tensor, keep: torch.Tensor, alpha: float, m: int) -> torch.Tensor:
+    """A ranking per output row over its M-groups: each group offers its best pruned weight
+    against its worst kept weight; a swap stays inside its group, so N:M still holds."""
+    d_out, d_in = keep.shape
+    s, k = score.reshape(d_out, d_in // m, m), keep.reshape(d_out, d_in // m, m)
+    inf = torch.tensor(float("inf"))
+    p_best, p_at = torch.where(k, -inf, s).max(dim=-1)
+    k_worst, k_at = torch.where(k, s, inf).min(dim=-1)
+    wins = p_best > k_worst  # groups where a swap would help (both sides present)
+    n = torch.floor(alpha * wins.sum(1).float()).long()
+    rank = torch.where(wins, p_best, -inf).argsort(dim=1, descending=True).argsort(dim=1)
+    do = wins & (rank < n[:, None])
+    new = k.clone()
+    new.scatter_(2, p_at[..., None], torch.where(do[..., None], True, new.gather(2, p_at[..., None])))
+    new.scatter_(2, k_at[..., None], torch.where(do[..., None], False, new.gather(2, k_at[..., None])))
+    return new.reshape(d_out, d_in)
+
+
+def nm_of(keep: torch.Tensor, m_candidates=(4, 8, 16)) -> int | None:
+    """The M of an N:M mask (every M-group keeps the same count), or None."""
+    for m in m_candidates:
+        if keep.shape[1] % m == 0:
+            c = keep.reshape(keep.shape[0], -1, m).sum(-1)
+            if bool((c == c.flatten()[0]).all()) and 0 < int(c.flatten()[0]) < m:
+                return m
+    return None
+
+
+class BarberProcessor(LayerProcessor):
+    """Rebuilds the masks of each layer's blocks from the layer's (sequential) inputs.
+
+    Safeguard (not in the paper): a rebuild is kept only if it lowers the block's output MSE
+    on the calibration inputs; otherwise alpha is halved and the swap retried, and after
+    ``tries`` attempts the block keeps its mask."""
+
+    def __init__(self, ctx, alpha: float, granularity: str, windows: int, tries: int = 4):
+        self.ctx, self.alpha, self.granularity, self.windows, self.tries = ctx, alpha, granularity, windows, tries
+        self.adapter = ModelAdapter(ctx.model)
+        self.swapped: dict[str, int] = {}
+        self.mse: dict[str, tuple[float, float]] = {}  # block -> (before, after) on calibration inputs
+
+    def process(self, layer: LayerView) -> None:
+        x_in = [layer.inputs[i] for i in range(min(self.windows, len(layer.inputs)))]
+        for kind, norm, block in self.adapter.blocks(layer.module):
+            prefix = _name_of(layer, block)
+            local = {n: m for n, m in block.named_modules() if f"{prefix}.{n}" in self.ctx.masks}
+            if local:
+                with torch.no_grad():
+                    feats = [norm(x.to(layer.device)) for x in x_in]
+                self._rebuild(block, local, prefix, feats, layer.kwargs, kind)
+            if kind == "attention":  # the MLP block sees the (rebuilt) attention's output
+                with torch.no_grad():
+                    x_in = [x.to(layer.device) + _call(block, norm(x.to(layer.device)), layer.kwargs, kind)
+                            for x in x_in]
+
+    def _rebuild(self, block, local, prefix, feats, kwargs, kind) -> None:
+        full = {n: f"{prefix}.{n}" for n in local}
+        dense = {f"{n}.weight": self.ctx.dense[full[n]].detach().to(m.weight).requires_grad_(True)
+                 for n, m in local.items()}
+        g2 = {n: torch.zeros_like(dense[f"{n}.weight"]) for n in local}
+        targets = []
+        for f in feats:  # gradient of MSE(dense, sparse) at the dense weights, and the dense outputs
+            with torch.no_grad():
+                sparse = _call(block, f, kwargs, kind)
+            with torch.enable_grad():
+                out = _call(block, f, kwargs, kind, params=dense)
+                loss = F.mse_loss(out.float(), sparse.float())
+                grads = torch.autograd.grad(loss, list(dense.values()))
+            targets.append(out.detach())
+            for n, g in zip(local, grads):
+                g2[n] += g.float().pow(2)
+        scores = {n: self.ctx.dense[full[n]].float().abs() * (g2[n].cpu() / len(feats)).sqrt() for n in local}
+        old_w = {n: m.weight.detach().clone() for n, m in local.items()}
+        old_k = {n: self.ctx.masks[full[n]] for n in local}
+        before = _block_mse(block, feats, targets, kwargs, kind)
+        best, alpha = before, self.alpha
+        for _ in range(self.tries):
+            new = self._new_masks(scores, old_k, alpha)
+            self._apply(local, full, old_w, old_k, new)
+            mse = _block_mse(block, feats, targets, kwargs, kind)
+            if mse < before:
+                best = mse
+                break
+            alpha /= 2
+        else:
+            new = old_k
+            self._apply(local, full, old_w, old_k, new)
+        self.mse[prefix] = (before, best)
+        for n in local:
+            self.swapped[full[n]] = int((new[n] & ~old_k[n]).sum())
+
+    def _new_masks(self, scores, keeps, alpha) -> dict[str, torch.Tensor]:
+        if self.granularity == "block":
+            names = list(keeps)
+            flat = rebuild_flat(torch.cat([scores[n].reshape(-1) for n in names]),
+                                torch.cat([keeps[n].reshape(-1) for n in names]), alpha)
+            new, at = {}, 0
+            for n in names:
+                new[n] = flat[at : at + keeps[n].numel()].reshape(keeps[n].shape)
+                at += keeps[n].numel()
+            return new
+        new = {}
+        for n, keep in keeps.items():
+            m = nm_of(keep)
+            if m is not None:
+                new[n] = rebuild_nm(scores[n], keep, alpha, m)
+            elif self.granularity == "row":
+                new[n] = rebuild_rows(scores[n], keep, alpha)
+            else:
+                new[n] = rebuild_flat(scores[n], keep, alpha)
+        return new
+
+    def _apply(self, local, full, old_w, old_k, new) -> None:
+        """Kept weights keep their current values, regrown ones get their dense values."""
+        for n, lin in local.items():
+            w = lin.weight
+            nk = new[n].to(w.device)
+            stay = nk & old_k[n].to(w.device)
+            with torch.no_grad():
+                w.copy_(torch.where(stay, old_w[n], torch.where(nk, self.ctx.dense[full[n]].to(w), torch.zeros_like(w))))
+            self.ctx.masks[full[n]] = new[n]
+
+
+def _block_mse(block, feats, targets, kwargs, kind) -> float:
+    with torch.no_grad():
+        return sum(float(F.mse_loss(_call(block, f, kwargs, kind).float(), t.float()))
+                   for f, t in zip(feats, targets)) / len(feats)
+
+
+def _call(block, x, kwargs, kind, params=None):
+    args = (x,) if kind == "mlp" else ()
+    kw = {} if kind == "mlp" else {"hidden_states": x, **kwargs}
+    out = functional_call(block, params, args, kw, strict=False) if params else block(*args, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _name_of(layer: LayerView, block) -> str:
+    for n, m in layer.module.named_modules():
+        if m is block:
+            return f"{layer.prefix}.{n}"
+    raise RuntimeError("block not found in its layer")
+
+
+@register
+class Barber(Stage):
+    method: Literal["barber"] = "barber"
+    alpha: float | None = Field(None, gt=0, le=1, description="fraction of winning pairs swapped (default by pruner)")
+    granularity: Literal["block", "layer", "row"] | None = Field(
+        None, description="ranking over the block, each linear, or each output row (default by pruner; "
+                          "N:M masks always swap within groups)")
+    windows: int | None = Field(None, ge=1, description="calibration windows used (default: all)")
+    tries: int = Field(4, ge=1, description="halve alpha until the block's output MSE falls, at most this often")
+
+    needs_calibration = True
+    needs_dense_weights: ClassVar[bool] = True
+
+    def run(self, ctx) -> dict:
+        if not ctx.masks:
+            raise PocketError("barber rebuilds a pruning mask: put a pruning stage (wanda, sparsegpt, "
+                              "magnitude) before it in the recipe")
+        if not ctx.dense:
+            raise PocketError("barber needs the dense weights of the pruned model; run the pruner in the same recipe")
+        alpha, gran = DEFAULTS.get(ctx.pruned_by, (0.1, "layer"))
+        alpha = self.alpha if self.alpha is not None else alpha
+        gran = self.granularity or gran
+        windows = ctx.windows()
+        proc = BarberProcessor(ctx, alpha, gran, self.windows or windows.shape[0], self.tries)
+        run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="barber")
+        before = sum(b for b, _ in proc.mse.values())
+        after = sum(a for _, a in proc.mse.values())
+        return {"alpha": alpha, "granularity": gran, "swapped": sum(proc.swapped.values()),
+                "block_mse_before": before, "block_mse_after": after}
