@@ -48,8 +48,9 @@ def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | 
         if r.returncode != 0 or not lines:
             print(json.dumps({"bench": bench, "config": cfg, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}))
             continue
-        print(lines[-1], flush=True)
-        _replace_line(out, cfg, lines[-1])
+        for line in lines:  # a configuration may report several results (each with its own name)
+            print(line, flush=True)
+            _replace_line(out, json.loads(line).get("config", cfg), line)
 
 
 def _replace_line(out: Path, cfg: str, line: str) -> None:

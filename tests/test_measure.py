@@ -1,3 +1,4 @@
+import pytest
 import math
 
 import torch
@@ -35,3 +36,21 @@ def test_kl_against_itself_is_zero_and_against_a_perturbed_copy_positive():
     diff = evaluate_windows(model, windows, reference=other)
     assert diff.kl > 1e-4 and diff.top1 < 1.0
     assert math.isclose(diff.ppl, same.ppl, rel_tol=1e-6)  # the evaluated model did not change
+
+
+def test_reference_cache_gives_the_same_kl_as_the_reference_model(tmp_path):
+    from pocketlm.measure import ReferenceCache, evaluate_windows
+    from tests.conftest import make_tiny
+
+    ref, model = make_tiny(seed=0), make_tiny(seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.9)
+    windows = torch.randint(0, 49152, (2, 40), generator=torch.Generator().manual_seed(0))
+    direct = evaluate_windows(model, windows, reference=ref)
+    cache = ReferenceCache.build(ref, windows, tmp_path / "ref.f32")
+    cached = evaluate_windows(model, windows, reference=cache)
+    assert cached.kl == pytest.approx(direct.kl, rel=1e-5) and cached.top1 == direct.top1
+    assert cached.ref_ppl == pytest.approx(direct.ref_ppl, rel=1e-6) and direct.kl > 0
+    with pytest.raises(ValueError, match="other windows"):
+        ReferenceCache(tmp_path / "ref.f32", windows[:, :20])

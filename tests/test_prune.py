@@ -181,3 +181,20 @@ def test_sparse_checkpoint_is_smaller_and_reloads_to_identical_logits(tmp_path, 
     (tmp_path / "sparse" / "sparse.safetensors").write_bytes(b"garbage")
     with pytest.raises(PocketError, match="damaged"):
         models.load(str(tmp_path / "sparse"))
+
+
+def test_cli_analyze_layers_writes_block_influence(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pocketlm.cli", "analyze", "smollm2-135m", "--layers",
+                        "--calib-windows", "2", "--calib-len", "64", "--out", str(tmp_path / "a")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "a" / "block_influence.json").read_text())
+    bi = res["block_influence"]
+    assert len(bi) == 30 and all(0 < v < 1 for v in bi)
+    assert len(res["lowest"]) == 8 and max(bi[i] for i in res["lowest"]) <= min(
+        bi[i] for i in range(30) if i not in res["lowest"])
+    assert (tmp_path / "a" / "block_influence.png").stat().st_size > 5000

@@ -62,3 +62,23 @@ def run(model, tokenizer, out: str | Path, windows: int, seq_len: int, mode: str
                 heatmap(np.log10(np.maximum(vals, 1e-12)), rows, cols,
                         f"{mode} sensitivity at {label}", "log10 estimated cost", tmp / f"sensitivity-{label}.png")
     return res
+
+
+def layers(model, tokenizer, out: str | Path, windows: int, seq_len: int, remove_fraction: float = 0.25,
+           overwrite: bool = True) -> dict:
+    """ShortGPT's Block Influence of every decoder layer: JSON and bar chart (PNG), marking the
+    layers a removal of ``remove_fraction`` of them would take."""
+    from .plots import bars
+    from .prune.shortgpt import block_influence
+
+    win = calibration_windows(tokenizer, windows, seq_len)
+    bi = block_influence(model, win)
+    k = max(1, round(remove_fraction * len(bi)))
+    lowest = sorted(sorted(range(len(bi)), key=bi.__getitem__)[:k])
+    res = {"block_influence": bi, "lowest": lowest, "remove_fraction": remove_fraction,
+           "calibration": {"windows": windows, "seq_len": seq_len}}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "block_influence.json").write_text(json.dumps(res, indent=1))
+        bars(bi, f"Block Influence (red: the {k} lowest, removed by ShortGPT at {remove_fraction:.0%})",
+             "BI = 1 - mean cos(h_in, h_out)", tmp / "block_influence.png", lowest)
+    return res

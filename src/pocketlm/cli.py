@@ -149,10 +149,28 @@ def analyze(
     sensitivity: str = typer.Option("attention", help="attention (APTQ), hessian (plain 2XX^T) or trace"),
     bits: str = typer.Option("2,3,4,5,6,8", help="bit widths to measure"),
     group_size: int = typer.Option(128, help="group size of the measured grids"),
+    layers: bool = typer.Option(False, "--layers", help="instead: ShortGPT Block Influence of every layer"),
+    remove_fraction: float = typer.Option(0.25, help="with --layers: mark the lowest-BI layers of this fraction"),
 ):
-    """Per-linear quantization sensitivity: table, JSON and heat map (PNG) by layer and projection."""
+    """Per-linear quantization sensitivity (table, JSON, heat map PNG by layer and projection),
+    or with --layers the Block Influence of every decoder layer (table, JSON, bar chart PNG)."""
     from . import analyze as ana
     from . import models
+
+    if layers:
+        if not 0 < remove_fraction < 1:
+            raise PocketError("--remove-fraction must lie between 0 and 1")
+        m, tok, _ = models.load(model)
+        res = ana.layers(m, tok, out_dir, calib_windows, calib_len, remove_fraction)
+        t = Table(title=f"Block Influence of {model}'s layers (1 - mean cos(in, out); low = removable)")
+        t.add_column("layer", justify="right")
+        t.add_column("BI", justify="right")
+        t.add_column("ShortGPT removes", justify="center")
+        for i, v in enumerate(res["block_influence"]):
+            t.add_row(str(i), f"{v:.4f}", "x" if i in res["lowest"] else "")
+        out.print(t)
+        out.print(f"wrote {out_dir}/block_influence.json and block_influence.png")
+        return
 
     if sensitivity not in ("attention", "hessian", "trace"):
         raise PocketError(f"unknown --sensitivity '{sensitivity}'; use attention, hessian or trace")

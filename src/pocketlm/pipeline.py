@@ -68,11 +68,14 @@ class CompressionResult:
 
 
 def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=None,
-             calibration: "CalibrationConfig | torch.Tensor | None" = None, device: str = "cpu") -> CompressionResult:
+             calibration: "CalibrationConfig | torch.Tensor | None" = None, device: str = "cpu",
+             after_stage=None) -> CompressionResult:
     """Compress ``model`` in place with ``recipe`` (a Recipe, dict, preset name or YAML path).
 
     ``model`` may be a loaded transformers model or a model spec (then it is loaded).
     ``calibration`` is a CalibrationConfig, or a tensor of token windows (n, L) to use as is.
+    ``after_stage(result)``, if given, sees the result after every stage but the last (to
+    measure a pipeline's intermediate models, e.g. a pruned model before its mask rebuild).
     """
     source = None
     if isinstance(model, str):
@@ -85,10 +88,16 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         ctx.calib_windows = calibration
     elif calibration is not None:
         ctx.calibration = calibration
-    t0 = time.perf_counter()
     reports = []
-    for stage in recipe.stages:
+    for k, stage in enumerate(recipe.stages):
         ts = time.perf_counter()
         rep = stage.run(ctx) or {}
         reports.append({"method": stage.method, "seconds": round(time.perf_counter() - ts, 2), **rep})
-    return CompressionResult(model, tokenizer, recipe, ctx, time.perf_counter() - t0, reports, source)
+        if after_stage is not None and k + 1 < len(recipe.stages):
+            part = recipe.model_copy(update={"stages": recipe.stages[: k + 1]})
+            after_stage(CompressionResult(model, tokenizer, part, ctx, _spent(reports), list(reports), source))
+    return CompressionResult(model, tokenizer, recipe, ctx, _spent(reports), reports, source)
+
+
+def _spent(reports: list[dict]) -> float:
+    return sum(r["seconds"] for r in reports)

@@ -22,3 +22,16 @@ def heatmap(values: np.ndarray, rows: list[str], cols: list[str], title: str, la
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def bars(values: list[float], title: str, label: str, path: str | os.PathLike, highlight: list[int] = ()) -> None:
+    """One bar per layer; ``highlight`` marks some (e.g. the layers a method would remove)."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * len(values) + 1.5), 3.4))
+    colors = ["#d62728" if i in set(highlight) else "#1f77b4" for i in range(len(values))]
+    ax.bar(range(len(values)), values, color=colors)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
