@@ -9,13 +9,12 @@ Calibration: random windows of 2048 tokens from the bundled Python-docs text (se
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, run_configs  # noqa: E402
+from common import calibrated_main, emit  # noqa: E402
 
 DAMP = 0.1
 
@@ -68,14 +67,4 @@ def one(name: str, windows: int, calib_windows: int) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--one")
-    ap.add_argument("--only", help="comma-separated subset of configurations")
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--calib-windows", type=int, default=32)
-    a = ap.parse_args()
-    if a.one:
-        one(a.one, a.windows, a.calib_windows)
-    else:
-        names = a.only.split(",") if a.only else list(CONFIGS)
-        run_configs(__file__, "gptq", names, ["--windows", str(a.windows), "--calib-windows", str(a.calib_windows)])
+    calibrated_main(__file__, "gptq", list(CONFIGS), one, 32)

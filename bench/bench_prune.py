@@ -13,15 +13,13 @@ a scratch file (POCKETLM_REF_CACHE, default /tmp) that every configuration compa
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import emit, run_configs  # noqa: E402
+from common import calibrated_main, emit  # noqa: E402
 
 PRUNERS = {f"{m}-{t}": (m, t) for t in ("50", "2of4") for m in ("magnitude", "wanda", "sparsegpt")}
 LAYERS = {f"{how}-{p}{'' if how != 'random' else f'-s{s}'}": (how, p, s)
@@ -77,14 +75,4 @@ def one(name: str, windows: int, calib_windows: int) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--one")
-    ap.add_argument("--only", help="comma-separated subset of configurations")
-    ap.add_argument("--windows", type=int, default=16)
-    ap.add_argument("--calib-windows", type=int, default=16)
-    a = ap.parse_args()
-    if a.one:
-        one(a.one, a.windows, a.calib_windows)
-    else:
-        names = a.only.split(",") if a.only else CONFIGS
-        run_configs(__file__, "prune", names, ["--windows", str(a.windows), "--calib-windows", str(a.calib_windows)])
+    calibrated_main(__file__, "prune", list(CONFIGS), one, 16)

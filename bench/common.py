@@ -70,3 +70,22 @@ def emit(record: dict) -> str:
     line = json.dumps(record)
     print(line, flush=True)
     return line
+
+
+def calibrated_main(script: str, bench: str, configs: list[str], one, calib_windows: int) -> None:
+    """The command line of a benchmark of calibrated methods: ``--one NAME`` runs one
+    configuration in this process; otherwise every (or ``--only`` the listed) configuration
+    runs in its own process."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one")
+    ap.add_argument("--only", help="comma-separated subset of configurations")
+    ap.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
+    ap.add_argument("--calib-windows", type=int, default=calib_windows, help="calibration windows of 2048 tokens")
+    a = ap.parse_args()
+    if a.one:
+        one(a.one, a.windows, a.calib_windows)
+    else:
+        names = a.only.split(",") if a.only else list(configs)
+        run_configs(script, bench, names, ["--windows", str(a.windows), "--calib-windows", str(a.calib_windows)])

@@ -81,13 +81,16 @@ class Context:
             self.calib_windows = calibration_windows(self.tokenizer, c.windows, c.seq_len, c.text, c.seed)
         return self.calib_windows
 
-    def prune(self, name: str, keep: torch.Tensor, method: str) -> None:
-        """Zero the weights of linear ``name`` outside ``keep`` and remember the mask (and, when a
-        later stage needs them, the dense weights)."""
+    def prune(self, name: str, keep: torch.Tensor, method: str, weight: torch.Tensor | None = None) -> None:
+        """Zero the weights of linear ``name`` outside ``keep`` (after replacing them with
+        ``weight``, for pruners that update the kept weights) and remember the mask and, when a
+        later stage needs them, the dense weights."""
         lin = self.module(name)
         with torch.no_grad():
             if self.keep_dense and name not in self.dense:
                 self.dense[name] = lin.weight.detach().to("cpu", copy=True)
+            if weight is not None:
+                lin.weight.copy_(weight.to(lin.weight.dtype))
             lin.weight.mul_(keep.to(lin.weight.device, lin.weight.dtype))
         self.masks[name] = keep.to("cpu", torch.bool)
         self.pruned_by = method

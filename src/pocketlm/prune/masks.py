@@ -78,6 +78,25 @@ class PruneStage(Stage):
                 "target": self.pattern or self.sparsity}
 
 
+class PruneLayer:
+    """Mixin for the pruners' layer processors: once a layer has been observed, prune each
+    wanted linear with the keep-mask (and optionally updated weight) ``choose`` returns."""
+
+    def __init__(self, ctx, stage: PruneStage):
+        self.ctx, self.stage, self.names = ctx, stage, []
+
+    def choose(self, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def process(self, layer) -> None:
+        for name, lin in layer.linears.items():
+            if self.wants(name):
+                keep, weight = self.choose(name, lin.weight.detach())
+                self.ctx.prune(name, keep, self.stage.method, weight)
+                self.names.append(name)
+        self.release_layer()
+
+
 def check_nm(name: str, d_in: int, m: int) -> None:
     if d_in % m:
         raise PocketError(f"{name} has {d_in} inputs, not a multiple of M={m}; use another N:M pattern "

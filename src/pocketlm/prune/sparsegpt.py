@@ -9,11 +9,11 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..calibrate import LayerView, run_layerwise
+from ..calibrate import run_layerwise
 from ..quant.gptq import damped_inverse_cholesky
 from ..stages import register
 from ..stats import HessianProcessor
-from .masks import PruneStage, Target, check_nm
+from .masks import PruneLayer, PruneStage, Target, check_nm
 
 
 @torch.no_grad()
@@ -63,23 +63,15 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, target: Target, blocksize: int =
     return W * keep, keep
 
 
-class SparseGPTProcessor(HessianProcessor):
+class SparseGPTProcessor(PruneLayer, HessianProcessor):
     def __init__(self, ctx, stage: "SparseGPT"):
-        super().__init__(stage.selects)
-        self.ctx, self.stage, self.names = ctx, stage, []
+        HessianProcessor.__init__(self, stage.selects)
+        PruneLayer.__init__(self, ctx, stage)
 
-    def process(self, layer: LayerView) -> None:
-        for name, lin in layer.linears.items():
-            if not self.wants(name):
-                continue
-            W, keep = sparsegpt(lin.weight, self.hessian(name), self.stage.target_for(name), self.stage.blocksize,
-                                self.stage.damp, name)
-            if self.ctx.keep_dense and name not in self.ctx.dense:
-                self.ctx.dense[name] = lin.weight.detach().to("cpu", copy=True)
-            lin.weight.data.copy_(W.to(lin.weight.dtype))
-            self.ctx.prune(name, keep, "sparsegpt")
-            self.names.append(name)
-        self.release_layer()
+    def choose(self, name, weight):
+        s = self.stage
+        W, keep = sparsegpt(weight, self.hessian(name), s.target_for(name), s.blocksize, s.damp, name)
+        return keep, W
 
 
 @register

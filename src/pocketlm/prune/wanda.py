@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..calibrate import LayerProcessor, LayerView, run_layerwise
+from ..calibrate import LayerProcessor, run_layerwise
 from ..stages import register
-from .masks import PruneStage, select
+from .masks import PruneLayer, PruneStage, select
 
 
 class ColumnNorms(LayerProcessor):
@@ -43,19 +43,14 @@ class ColumnNorms(LayerProcessor):
         self._alias.clear()
 
 
-class WandaProcessor(ColumnNorms):
+class WandaProcessor(PruneLayer, ColumnNorms):
     def __init__(self, ctx, stage: "Wanda"):
-        super().__init__(stage.selects)
-        self.ctx, self.stage, self.names = ctx, stage, []
+        ColumnNorms.__init__(self, stage.selects)
+        PruneLayer.__init__(self, ctx, stage)
 
-    def process(self, layer: LayerView) -> None:
-        for name, lin in layer.linears.items():
-            if not self.wants(name):
-                continue
-            score = lin.weight.detach().abs().float() * self.norms(name)[None, :]
-            self.ctx.prune(name, select(score, self.stage.target_for(name), self.stage.per_row, name), "wanda")
-            self.names.append(name)
-        self.release_layer()
+    def choose(self, name, weight):
+        score = weight.abs().float() * self.norms(name)[None, :]
+        return select(score, self.stage.target_for(name), self.stage.per_row, name), None
 
 
 @register
