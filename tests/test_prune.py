@@ -174,6 +174,12 @@ def test_sparse_checkpoint_is_smaller_and_reloads_to_identical_logits(tmp_path, 
     lin_bytes = sum(x.weight.numel() * 4 for x in _layer_linears(m).values())
     saved = files(tmp_path / "dense") - files(tmp_path / "sparse")
     assert saved > 0.45 * lin_bytes  # half the values gone, 1 bit per weight of mask added
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in ("sparse.safetensors", "model.safetensors", "pocketlm.json"):  # not the temp folder's 0600
+        assert (tmp_path / "sparse" / f).stat().st_mode & 0o777 == 0o666 & ~mask
     back, _, _ = models.load(str(tmp_path / "sparse"))
     ids = _windows(1, 32)
     with torch.no_grad():

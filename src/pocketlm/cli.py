@@ -107,14 +107,19 @@ def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path) -> 
                   _fmt(ev["ref_ppl"]), _fmt(ev["ppl"]))
         t.add_row("KL divergence vs base (nats/token)", "0", _fmt(ev["kl"], 4))
         t.add_row("top-1 agreement with base", "1", _fmt(ev["top1"], 4))
+    if size.get("sparsity") is not None:
+        t.add_row("sparsity of the pruned linears", "0", _fmt(size["sparsity"], 4))
+    removed = [r for s in man["stages"] for r in (s.get("removed") or [])]
+    if removed:
+        t.add_row("decoder layers removed", "", f"{len(removed)}: {removed}")
     t.add_row("bits per weight, quantized linears", "16", _fmt(size["bpw_quantized"], 4))
     t.add_row("bits per weight, whole model (others 16-bit)", "16", _fmt(size["bpw_model"], 4))
-    params = size["quantized_params"] + size["other_params_16bit"]
-    t.add_row("packed size", _bytes(params * 2), _bytes(size["packed_bytes"]))
+    t.add_row("packed size (16-bit tensors, packed codes, sparse bitmasks)", "", _bytes(size["packed_bytes"]))
     t.add_row("compression time", "", f"{man['seconds']:.1f} s")
     t.add_row("total time (load, compress, eval, save)", "", f"{total_s:.1f} s")
     out.print(t)
-    out.print(f"wrote {path} ({_bytes(man['bytes_on_disk'])} on disk as float checkpoint)")
+    form = "sparse checkpoint: bitmask + kept values" if size.get("sparsity") is not None else "float checkpoint"
+    out.print(f"wrote {path} ({_bytes(man['bytes_on_disk'])} on disk as {form})")
 
 
 @app.command("eval")

@@ -21,6 +21,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
+        _normal_permissions(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -31,6 +32,20 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Temporary folders and files are private (0700/0600); the output gets the permissions a
+    plain mkdir/open would give under the user's umask."""
+    mask = _umask()
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
