@@ -24,9 +24,12 @@ demo: install
 test: install
 	$(PY) -m pytest -q
 
-bench: install
+bench: install  # several hours on 2 CPU cores; each script also runs alone (see README)
 	$(PY) bench/bench_rtn.py
 	$(PY) bench/bench_engine_memory.py
+	$(PY) bench/bench_gptq.py
+	$(PY) bench/bench_aptq_time.py
+	$(PY) bench/bench_prune.py
 
 clean:
 	rm -rf $(VENV) demo-out
