@@ -85,3 +85,10 @@ def test_bytes_budget_is_honoured(tokenizer):
                    tokenizer=tokenizer, calibration=calibration_windows(tokenizer, n=2, seq_len=32))
     # within budget, and less left over than the smallest upgrade (one bit more on a 64x64 linear)
     assert budget - 64 * 64 // 8 < res.context.size_report()["packed_bytes"] <= budget
+
+
+def test_aptq_clip_reaches_every_candidate_grid():
+    from pocketlm.recipe import from_dict
+
+    st = from_dict({"stages": [{"method": "aptq", "bpw": 3.5, "clip": True}]}).stages[0]
+    assert st.specs() and all(s.clip for s in st.specs())

@@ -96,6 +96,7 @@ class APTQ(Stage):
     bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], description="allowed bit widths")
     group_sizes: list[int] = Field(default_factory=lambda: [128], description="allowed group sizes (-1 = per row)")
     sym: bool = False
+    clip: bool = Field(False, description="search a clipping ratio per group (every candidate grid)")
     act_order: bool = True
     sensitivity: Literal["attention", "hessian", "trace"] = "attention"
     attention: list[str] = Field(default_factory=lambda: list(ATTENTION_PROJECTIONS),
@@ -121,7 +122,8 @@ class APTQ(Stage):
         return self
 
     def specs(self) -> list[QuantSpec]:
-        return [QuantSpec(bits=b, group_size=g, sym=self.sym) for b, g in itertools.product(self.bits, self.group_sizes)]
+        return [QuantSpec(bits=b, group_size=g, sym=self.sym, clip=self.clip)
+                for b, g in itertools.product(self.bits, self.group_sizes)]
 
     def budget_bits(self, ctx, names: list[str]) -> int:
         shapes = {n: tuple(ctx.module(n).weight.shape) for n in names}
