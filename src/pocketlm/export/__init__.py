@@ -1,0 +1,1 @@
+"""Exports that real runtimes load."""

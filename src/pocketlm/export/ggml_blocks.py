@@ -1,0 +1,109 @@
+"""Pack a quantizer's integer codes into GGML block formats, bit for bit.
+
+Every format here stores blocks of 32 consecutive inputs of a row with a float16 scale d (and,
+for the *_1 formats, a float16 offset m):
+- Q4_0: x = d * (q - 8), 4-bit q        - Q4_1: x = d * q + m, 4-bit q
+- Q5_0: x = d * (q - 16), 5-bit q       - Q5_1: x = d * q + m, 5-bit q
+- Q8_0: x = d * q, 8-bit signed q
+Our grid (``quant.grid``) writes x = s * (q - z). A symmetric grid (z = 2^(b-1)) maps to the *_0
+formats exactly; an asymmetric one maps to *_1 with d = s and m = -s * z, m rounded to float16.
+4-bit and 5-bit codes share a nibble layout: byte j holds element j (low nibble) and element
+j + 16 (high nibble); Q5 keeps the 32 fifth bits in a little-endian 32-bit word.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import PocketError
+from ..quant.grid import QuantSpec
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    name: str
+    bits: int
+    sym: bool  # *_0 (scale only) or *_1 (scale and offset)
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The pocketlm grid whose codes this format stores as they are."""
+        return QuantSpec(bits=self.bits, group_size=BLOCK, sym=self.sym)
+
+    @property
+    def block_bytes(self) -> int:
+        body = BLOCK if self.bits == 8 else BLOCK // 2 + (4 if self.bits == 5 else 0)  # nibbles (+ fifth bits)
+        return 2 + (0 if self.sym else 2) + body
+
+    @property
+    def bpw(self) -> float:
+        return self.block_bytes * 8 / BLOCK
+
+
+FORMATS = {f.name: f for f in (BlockFormat("Q4_0", 4, True), BlockFormat("Q4_1", 4, False),
+                               BlockFormat("Q5_0", 5, True), BlockFormat("Q5_1", 5, False),
+                               BlockFormat("Q8_0", 8, True))}
+
+
+def format_for(spec: QuantSpec) -> BlockFormat | None:
+    """The block format that holds ``spec``'s codes exactly, if any."""
+    for f in FORMATS.values():
+        if f.spec.bits == spec.bits and f.spec.sym == spec.sym and spec.group_size == BLOCK \
+                and spec.scale_bits == 16:
+            return f
+    return None
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """(n, 32) codes -> (n, 16) bytes: low nibble element j, high nibble element j + 16."""
+    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
+
+
+def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, fmt: BlockFormat) -> np.ndarray:
+    """Codes (d_out, d_in) in [0, 2^b), per-group scales and zero points (d_out, d_in / 32) ->
+    the tensor's bytes, shaped (d_out, d_in / 32 * block_bytes)."""
+    d_out, d_in = codes.shape
+    if d_in % BLOCK:
+        raise PocketError(f"{fmt.name} needs rows that are a multiple of {BLOCK} inputs, got {d_in}")
+    n = d_out * d_in // BLOCK
+    q = codes.to(torch.int32).numpy().reshape(n, BLOCK)
+    s = scales.float().numpy().reshape(n, 1)
+    z = zeros.float().numpy().reshape(n, 1)
+    d = s.astype(np.float16)
+    if not np.array_equal(d.astype(np.float32), s):
+        raise PocketError(f"{fmt.name}: scales are not float16 values; quantize with a 16-bit scale grid")
+    parts = [d.view(np.uint8)]
+    if fmt.sym:
+        mid = 2 ** (fmt.bits - 1)
+        if not np.all(z == mid):
+            raise PocketError(f"{fmt.name} stores symmetric codes (zero point {mid}); this grid is asymmetric")
+    else:
+        parts.append((-s * z).astype(np.float16).view(np.uint8))
+    if fmt.bits == 8:
+        parts.append((q - 128).astype(np.int8).view(np.uint8))
+    else:
+        if fmt.bits == 5:
+            hi = ((q >> 4) & 1).astype(np.uint8)
+            parts.append(np.packbits(hi, axis=-1, bitorder="little"))
+        parts.append(_nibbles(q).astype(np.uint8))
+    return np.concatenate(parts, axis=-1).reshape(d_out, -1)
+
+
+def unpack_codes(data: np.ndarray, d_in: int, fmt: BlockFormat) -> np.ndarray:
+    """The codes stored in a tensor's bytes (d_out, ...), in [0, 2^b): the inverse of ``pack``."""
+    blocks = data.reshape(-1, fmt.block_bytes)
+    at = 2 if fmt.sym else 4
+    if fmt.bits == 8:
+        q = blocks[:, at:].view(np.int8).astype(np.int32) + 128
+    else:
+        hi = 0
+        if fmt.bits == 5:
+            hi = np.unpackbits(blocks[:, at : at + 4], axis=-1, bitorder="little").astype(np.int32) << 4
+            at += 4
+        qs = blocks[:, at:].astype(np.int32)
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1) | hi
+    return q.reshape(-1, d_in)

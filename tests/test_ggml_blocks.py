@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+from pocketlm.errors import PocketError
+from pocketlm.export.ggml_blocks import FORMATS, format_for, pack, unpack_codes
+from pocketlm.quant.grid import quantize_weight
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_packed_blocks_hold_our_codes_and_dequantize_like_ggml(name):
+    fmt = FORMATS[name]
+    W = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    qw = quantize_weight(W, fmt.spec)
+    assert format_for(fmt.spec) is fmt
+    data = pack(qw.codes, qw.scales, qw.zeros, fmt)
+    assert data.shape == (48, 96 // 32 * fmt.block_bytes)
+    assert np.array_equal(unpack_codes(data, 96, fmt), qw.codes.numpy())  # codes as the quantizer chose
+    theirs = quants.dequantize(data, GGMLQuantizationType[name])  # the gguf package's reading
+    ours = qw.dequantize().numpy()
+    if fmt.sym:
+        assert np.array_equal(theirs, ours)
+    else:  # the offset m = -s*z is rounded to float16
+        assert np.abs(theirs - ours).max() <= np.abs(qw.scales.numpy() * qw.zeros.numpy()).max() * 2**-10
+
+
+def test_grids_that_no_format_holds_are_refused():
+    W = torch.randn(8, 64)
+    qw = quantize_weight(W, FORMATS["Q4_1"].spec)
+    with pytest.raises(PocketError, match="asymmetric"):
+        pack(qw.codes, qw.scales, qw.zeros, FORMATS["Q4_0"])
+    assert format_for(FORMATS["Q4_0"].spec.model_copy(update={"group_size": 128})) is None
+    with pytest.raises(PocketError, match="multiple of 32"):
+        pack(torch.zeros(2, 40, dtype=torch.uint8), torch.ones(2, 2), torch.zeros(2, 2), FORMATS["Q8_0"])
