@@ -33,3 +33,15 @@ def test_grids_that_no_format_holds_are_refused():
     assert format_for(FORMATS["Q4_0"].spec.model_copy(update={"group_size": 128})) is None
     with pytest.raises(PocketError, match="multiple of 32"):
         pack(torch.zeros(2, 40, dtype=torch.uint8), torch.ones(2, 2), torch.zeros(2, 2), FORMATS["Q8_0"])
+
+
+def test_recipe_format_puts_quantizers_on_gguf_grids():
+    from pocketlm import compress
+    from tests.conftest import make_tiny
+
+    res = compress(make_tiny(layers=1), {"stages": [{"method": "rtn", "format": "gguf-q4_1"}]})
+    rec = res.context.quant["model.layers.0.mlp.down_proj"]
+    assert format_for(rec.spec) is FORMATS["Q4_1"]
+    assert rec.spec.bpw(64, 160) == FORMATS["Q4_1"].bpw == 5.0  # d and m both float16, as the file stores
+    with pytest.raises(PocketError, match="unknown format 'gguf-q3_k'"):
+        compress(make_tiny(layers=1), {"stages": [{"method": "rtn", "format": "gguf-q3_k"}]})

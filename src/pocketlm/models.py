@@ -102,19 +102,12 @@ def load_tokenizer(source: ModelSource):
 
 def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """Load ``spec`` as (model, tokenizer, source), in eval mode, weights in ``dtype``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     source = resolve(spec)
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    if source.kind == "gguf":
-        _check_gguf(source.describe())
+    load_config(source)
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    try:
-        config = AutoConfig.from_pretrained(source.path, **kw)
-    except (OSError, ValueError) as e:
-        hint = " (no network to the hub here? use a local directory or .gguf file)" if source.kind == "hub" else ""
-        raise PocketError(f"could not read the config of {source.describe()}: {str(e).splitlines()[0]}{hint}") from None
-    check_architecture(config)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
@@ -130,6 +123,23 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
         sparse.restore(model, Path(source.path) / sparse.FILE)
     model.to(device).eval()
     return model, load_tokenizer(source), source
+
+
+def load_config(source: "ModelSource | str"):
+    """The model's transformers config (architecture checked), without loading weights."""
+    from transformers import AutoConfig
+
+    source = resolve(source) if isinstance(source, str) else source
+    if source.kind == "gguf":
+        _check_gguf(source.describe())
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, **kw)
+    except (OSError, ValueError) as e:
+        hint = " (no network to the hub here? use a local directory or .gguf file)" if source.kind == "hub" else ""
+        raise PocketError(f"could not read the config of {source.describe()}: {str(e).splitlines()[0]}{hint}") from None
+    check_architecture(config)
+    return config
 
 
 def check_device(device: str) -> str:

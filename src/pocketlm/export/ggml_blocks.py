@@ -32,7 +32,7 @@ class BlockFormat:
     @property
     def spec(self) -> QuantSpec:
         """The pocketlm grid whose codes this format stores as they are."""
-        return QuantSpec(bits=self.bits, group_size=BLOCK, sym=self.sym)
+        return QuantSpec(bits=self.bits, group_size=BLOCK, sym=self.sym, zero_bits=None if self.sym else 16)
 
     @property
     def block_bytes(self) -> int:
@@ -47,6 +47,14 @@ class BlockFormat:
 FORMATS = {f.name: f for f in (BlockFormat("Q4_0", 4, True), BlockFormat("Q4_1", 4, False),
                                BlockFormat("Q5_0", 5, True), BlockFormat("Q5_1", 5, False),
                                BlockFormat("Q8_0", 8, True))}
+
+
+def parse_format(name: str) -> BlockFormat:
+    """'gguf-q4_0' (or 'Q4_0') -> the block format."""
+    key = name.upper().removeprefix("GGUF-")
+    if key not in FORMATS:
+        raise ValueError(f"unknown format '{name}'; use one of {', '.join('gguf-' + k.lower() for k in FORMATS)}")
+    return FORMATS[key]
 
 
 def format_for(spec: QuantSpec) -> BlockFormat | None:

@@ -28,6 +28,8 @@ class QuantSpec(BaseModel):
     sym: bool = Field(False, description="symmetric grid (no stored zero point)")
     clip: bool = Field(False, description="search a clipping ratio per group that minimises its error")
     scale_bits: int = Field(16, description="bits of each stored scale")
+    zero_bits: int | None = Field(None, description="bits of each stored zero point (default: bits; GGUF's "
+                                                    "*_1 formats store it as a float16 offset)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -48,7 +50,7 @@ class QuantSpec(BaseModel):
     @property
     def param_bits(self) -> int:
         """Bits stored per group: its scale, and its zero point when asymmetric."""
-        return self.scale_bits + (0 if self.sym else self.bits)
+        return self.scale_bits + (0 if self.sym else self.zero_bits or self.bits)
 
     def storage_bits(self, d_out: int, d_in: int) -> int:
         """Every bit stored for a d_out x d_in matrix: codes, scales and zero points."""

@@ -1,0 +1,173 @@
+"""GGUF export that llama.cpp loads unmodified.
+
+Metadata (architecture hyper-parameters) comes from the transformers config; the tokenizer from
+the source GGUF file when the model came from one (its ``tokenizer.*`` keys are copied as they
+are), otherwise from the transformers tokenizer (byte-level BPE via the gguf package's vocab
+readers). Every linear a pocketlm quantizer left on a GGML block grid is written with the codes
+the quantizer chose (``ggml_blocks``); other linears are quantized to ``linear_type`` by RTN on
+that format's grid, or written as F16/F32; norms are F32.
+
+llama.cpp's ``llama`` graph applies RoPE to interleaved pairs, transformers' Llama to the two
+halves of each head; as llama.cpp's own converter does, the rows of q_proj and k_proj are
+permuted within each head (rows carry their scales and codes along, so quantization is unchanged).
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import PocketError
+from ..quant.grid import quantize_weight
+from .ggml_blocks import FORMATS, format_for, pack
+
+#: transformers model_type -> llama.cpp architecture, and whether q/k rows need the RoPE permutation
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                 "qwen3": ("qwen3", False)}
+FLOAT_TYPES = ("F16", "F32")
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+
+
+def check_exportable(config) -> str:
+    """The llama.cpp architecture of a model with this config, or a one-line error before any
+    work starts."""
+    mt = getattr(config, "model_type", None)
+    if mt not in ARCHITECTURES:
+        raise PocketError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not '{mt}'")
+    return ARCHITECTURES[mt][0]
+
+
+def _check_type(t: str, allowed) -> str:
+    t = t.upper()
+    if t not in allowed:
+        raise PocketError(f"unknown GGUF type '{t}'; use one of {', '.join(allowed)}")
+    return t
+
+
+def _rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp's llama graph expects for q/k (leading dimension = output rows)."""
+    d = rows.shape[0]
+    return rows.reshape(n_head, 2, d // n_head // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def _metadata(w, cfg, arch: str) -> None:
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
+    w.add_rope_freq_base(float(theta))
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+
+
+def _tokenizer_from_gguf(w, path: str) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(path)
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[1] if vtype == GGUFValueType.ARRAY else None
+            w.add_key_value(key, field.contents(), vtype, sub)
+
+
+def _tokenizer_from_hf(w, tokenizer) -> None:
+    from gguf.vocab import BpeVocab, SpecialVocab
+
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        try:
+            vocab = BpeVocab(Path(d))
+        except Exception as e:  # the reader raises on anything but byte-level BPE
+            raise PocketError(f"GGUF export handles byte-level BPE tokenizers only ({e})") from None
+        tokens, scores, types = zip(*vocab.all_tokens())
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(list(tokens))
+        w.add_token_types(list(types))
+        SpecialVocab(Path(d), load_merges=True).add_to_gguf(w, quiet=True)
+        w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+
+
+def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_gguf: str | None = None,
+          linear_type: str = "F16", embed_type: str = "F16", name: str | None = None) -> dict:
+    """Write ``model`` as GGUF at ``path``; returns {gguf tensor name: type name}.
+
+    ``quant``: the quantizers' records (``Context.quant``); their codes are kept when a block
+    format holds them. ``linear_type``: the type of every other decoder linear (F16, F32, or a
+    block type quantized here by RTN). ``embed_type``: the token embedding's type."""
+    import gguf
+
+    arch = check_exportable(model.config)
+    linear_type = _check_type(linear_type, (*FLOAT_TYPES, *FORMATS))
+    embed_type = _check_type(embed_type, (*FLOAT_TYPES, *FORMATS))
+    quant = quant or {}
+    cfg = model.config
+    permute = ARCHITECTURES[cfg.model_type][1]
+    n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    path = Path(path)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name or getattr(cfg, "name_or_path", None) or "pocketlm model")
+    _metadata(w, cfg, arch)
+    if source_gguf:
+        _tokenizer_from_gguf(w, source_gguf)
+    else:
+        _tokenizer_from_hf(w, tokenizer)
+    types: dict[str, str] = {}
+    for hf_name, t in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise PocketError(f"no GGUF name for tensor {hf_name}; this model layout is not exportable")
+        t = t.detach().float().cpu()
+        lin = hf_name.removesuffix(".weight")
+        n_head = cfg.num_attention_heads if lin.endswith("q_proj") else n_kv if lin.endswith("k_proj") else None
+        rows = (lambda x: _rope_permute(x, n_head)) if permute and n_head else (lambda x: x)
+        if t.dim() == 1:
+            w.add_tensor(gname, t.numpy().astype(np.float32))
+            types[gname] = "F32"
+            continue
+        want = embed_type if gname == "token_embd.weight" or gname == "output.weight" else linear_type
+        rec = quant.get(lin)
+        if rec is not None:
+            fmt = format_for(rec.spec)
+            if fmt is None:
+                raise PocketError(f"{lin} is quantized as {rec.spec.label()}, which no GGUF block type holds; "
+                                  f"quantize with format gguf-q4_0/q4_1/q5_0/q5_1/q8_0 (groups of 32)")
+            qw = rec.to_quantized(t)
+            data = pack(rows(qw.codes), rows(qw.scales), rows(qw.zeros), fmt)
+        elif want in FORMATS:
+            fmt = FORMATS[want]
+            qw = quantize_weight(rows(t), fmt.spec)
+            data = pack(qw.codes, qw.scales, qw.zeros, fmt)
+        else:
+            data = rows(t).numpy().astype(np.float16 if want == "F16" else np.float32)
+            w.add_tensor(gname, data)
+            types[gname] = want
+            continue
+        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[fmt.name])
+        types[gname] = fmt.name
+    counts = {k: list(types.values()).count(k) for k in set(types.values())}
+    main = max((k for k in counts if k not in FLOAT_TYPES), key=counts.get, default="F16")
+    w.add_file_type(FILE_TYPES[main])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return types
