@@ -240,10 +240,18 @@ def presets():
         out.print(f"[bold]{name}[/bold]: {preset(name).description}")
 
 
-def main() -> None:
-    import os
+def _quiet_foreign_bars() -> None:
+    """transformers' GGUF loader draws a tqdm bar of its own; pocketlm shows its own progress.
+    (TQDM_DISABLE is read when tqdm is imported, which has happened by now.)"""
+    from functools import partialmethod
 
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF loader draws its own bar
+    from tqdm import std
+
+    std.tqdm.__init__ = partialmethod(std.tqdm.__init__, disable=True)
+
+
+def main() -> None:
+    _quiet_foreign_bars()
     try:
         app()
     except PocketError as e:
