@@ -50,44 +50,69 @@ def _logprobs(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(head(hidden).float(), dim=-1)
 
 
+class TorchScorer:
+    """Next-token log-probabilities of a transformers model, the head applied in chunks."""
+
+    def __init__(self, model: nn.Module):
+        self.adapter = ModelAdapter(model)
+        self.device = next(model.parameters()).device
+        self.dtype = str(model.dtype).replace("torch.", "")
+
+    def window(self, i: int, ids: torch.Tensor, chunk: int):
+        """Log-probabilities (positions, vocab) for every position but the last, ``chunk``
+        positions at a time (every scorer chunks alike, so their chunks line up)."""
+        h = self.adapter.hidden_states(ids[None].to(self.device))[0, :-1]
+        for c in range(0, h.shape[0], chunk):
+            yield _logprobs(self.adapter.head, h[c : c + chunk]).cpu()
+
+
 class ReferenceCache:
     """A reference model's next-token log-probabilities on fixed windows, in a float32 file, so
     that many compressed variants are compared against one reference pass (benchmarks)."""
 
     def __init__(self, path: str | Path, windows: torch.Tensor):
-        self.path = Path(path)
+        self.path, self.dtype = Path(path), "float32"
         meta = json.loads(self.path.with_suffix(".json").read_text())
         if meta["windows_sha256"] != _digest(windows):
             raise ValueError(f"{self.path} holds log-probabilities of other windows")
         self.arr = np.memmap(self.path, dtype=np.float32, mode="r", shape=tuple(meta["shape"]))
 
     @classmethod
-    def build(cls, model: nn.Module, windows: torch.Tensor, path: str | Path, chunk: int = 512) -> "ReferenceCache":
+    def build(cls, model: "nn.Module | object", windows: torch.Tensor, path: str | Path) -> "ReferenceCache":
         path = Path(path)
         if path.with_suffix(".json").is_file():
             try:
                 return cls(path, windows)
             except ValueError:
                 pass
-        adapter = ModelAdapter(model)
+        scorer = as_scorer(model)
         n, L = windows.shape
-        shape = (n, L - 1, model.config.vocab_size)
         tmp = path.with_suffix(".partial")
-        arr = np.memmap(tmp, dtype=np.float32, mode="w+", shape=shape)
+        arr = None
         with torch.inference_mode(), progress.bar("reference", n) as advance:
             for i, w in enumerate(windows):
-                h = adapter.hidden_states(w[None].to(next(model.parameters()).device))[0, :-1]
-                for c in range(0, h.shape[0], chunk):
-                    arr[i, c : c + chunk] = _logprobs(adapter.head, h[c : c + chunk]).cpu().numpy()
+                at = 0
+                for lp in scorer.window(i, w, 512):
+                    if arr is None:
+                        arr = np.memmap(tmp, dtype=np.float32, mode="w+", shape=(n, L - 1, lp.shape[-1]))
+                    arr[i, at : at + lp.shape[0]] = lp.numpy()
+                    at += lp.shape[0]
                 advance()
+        shape = list(arr.shape)
         arr.flush()
         del arr
         tmp.replace(path)
-        path.with_suffix(".json").write_text(json.dumps({"shape": list(shape), "windows_sha256": _digest(windows)}))
+        path.with_suffix(".json").write_text(json.dumps({"shape": shape, "windows_sha256": _digest(windows)}))
         return cls(path, windows)
 
-    def logprobs(self, i: int, c: int, chunk: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self.arr[i, c : c + chunk], copy=True))
+    def window(self, i: int, ids: torch.Tensor, chunk: int):
+        for c in range(0, self.arr.shape[1], chunk):
+            yield torch.from_numpy(np.array(self.arr[i, c : c + chunk], copy=True))
+
+
+def as_scorer(x):
+    """A transformers model becomes a TorchScorer; scorers (a ReferenceCache, llama.cpp) pass as they are."""
+    return TorchScorer(x) if isinstance(x, nn.Module) else x
 
 
 def _digest(windows: torch.Tensor) -> str:
@@ -95,36 +120,34 @@ def _digest(windows: torch.Tensor) -> str:
 
 
 @torch.inference_mode()
-def evaluate_windows(model: nn.Module, windows: torch.Tensor, reference: "nn.Module | ReferenceCache | None" = None,
-                     chunk: int = 512, corpus: str = "custom") -> EvalResult:
-    """Score ``windows`` (n, L) of token ids; see the module doc."""
+def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str = "custom",
+                     chunk: int = 512) -> EvalResult:
+    """Score ``windows`` (n, L) of token ids with ``model`` (a transformers model or a scorer:
+    llama.cpp, a ReferenceCache) and optionally ``reference``; see the module doc."""
     t0 = time.perf_counter()
-    adapter = ModelAdapter(model)
-    cache = reference if isinstance(reference, ReferenceCache) else None
-    ref = ModelAdapter(reference) if reference is not None and cache is None else None
-    dev = next(model.parameters()).device
+    scorer = as_scorer(model)
+    ref = as_scorer(reference) if reference is not None else None
     nll = ref_nll = kl = 0.0
     agree = count = 0
     n, seq_len = windows.shape
     with progress.bar("evaluating", n) as advance:
         for i, w in enumerate(windows):
-            ids = w[None].to(dev)
-            h = adapter.hidden_states(ids)[0, :-1]
-            h_ref = ref.hidden_states(ids)[0, :-1] if ref else None
-            targets = ids[0, 1:]
-            for c in range(0, h.shape[0], chunk):
-                lp = _logprobs(adapter.head, h[c : c + chunk])
-                tgt = targets[c : c + chunk]
+            targets = w[1:]
+            at = 0
+            ref_chunks = ref.window(i, w, chunk) if ref is not None else None
+            for lp in scorer.window(i, w, chunk):
+                tgt = targets[at : at + lp.shape[0]]
+                at += lp.shape[0]
                 nll += -lp.gather(1, tgt[:, None]).sum().item()
-                if reference is not None:
-                    lp_ref = _logprobs(ref.head, h_ref[c : c + chunk]) if ref else cache.logprobs(i, c, chunk).to(lp)
+                if ref_chunks is not None:
+                    lp_ref = next(ref_chunks).to(lp)
                     ref_nll += -lp_ref.gather(1, tgt[:, None]).sum().item()
                     kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
                     agree += (lp_ref.argmax(-1) == lp.argmax(-1)).sum().item()
                 count += tgt.numel()
             advance()
     res = EvalResult(corpus=corpus, windows=n, seq_len=seq_len, stride=seq_len, tokens_scored=count,
-                     dtype=str(model.dtype).replace("torch.", ""), ppl=math.exp(nll / count), nll=nll / count,
+                     dtype=scorer.dtype, ppl=math.exp(nll / count), nll=nll / count,
                      seconds=time.perf_counter() - t0)
     if reference is not None:
         res.ref_ppl = math.exp(ref_nll / count)
@@ -133,8 +156,8 @@ def evaluate_windows(model: nn.Module, windows: torch.Tensor, reference: "nn.Mod
     return res
 
 
-def perplexity(model: nn.Module, tokenizer, corpus: str = "wikitext2", seq_len: int = 2048,
-               max_windows: int | None = None, reference: "nn.Module | ReferenceCache | None" = None) -> EvalResult:
+def perplexity(model, tokenizer, corpus: str = "wikitext2", seq_len: int = 2048,
+               max_windows: int | None = None, reference=None) -> EvalResult:
     """Perplexity of ``model`` on ``corpus`` (and KL/top-1 against ``reference`` if given)."""
     windows = eval_windows(tokenizer, corpus, seq_len, max_windows)
     return evaluate_windows(model, windows, reference=reference, corpus=corpus)
