@@ -130,13 +130,28 @@ def eval_cmd(
     seq_len: int = typer.Option(2048, help="tokens per window (stride = window)"),
     kl_against: Optional[str] = typer.Option(None, help="reference model for KL divergence and top-1 agreement"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    runtime: str = typer.Option("auto", help="transformers, llama.cpp, or auto (llama.cpp for a .gguf file path)"),
+    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
 ):
-    """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement."""
+    """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement.
+    A GGUF file is scored from llama.cpp's own logits (the reference runs in transformers)."""
     from . import models
     from .measure import perplexity
 
-    m, tok, _ = models.load(model, dtype=dtype)
+    if runtime not in ("auto", "transformers", "llama.cpp"):
+        raise PocketError(f"unknown --runtime '{runtime}'; use transformers, llama.cpp or auto")
+    use_cpp = runtime == "llama.cpp" or (runtime == "auto" and model.endswith(".gguf"))
+    if use_cpp:
+        from .runtime.llamacpp import LlamaCppScorer
+
+        src = models.resolve(model)
+        if src.kind != "gguf":
+            raise PocketError("--runtime llama.cpp needs a .gguf file; export one with `pocketlm export`")
+        m = LlamaCppScorer(src.describe(), n_ctx=seq_len, threads=threads)
+        tok = models.load_tokenizer(src)
+    else:
+        m, tok, _ = models.load(model, dtype=dtype)
     ref = models.load(kl_against, dtype=dtype)[0] if kl_against else None
     r = perplexity(m, tok, ppl, seq_len, windows, reference=ref)
     d = r.to_dict()
@@ -229,6 +244,41 @@ def export(
         types = G.write(m, tok, tmp, records, gguf_src, qtype, embed_type, name=Path(model).name)
     counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
     out.print(f"wrote {out_file} ({_bytes(out_file.stat().st_size)}); tensor types: {counts}")
+
+
+@app.command("bench")
+def bench_cmd(
+    model_file: Path = typer.Argument(..., help="a .gguf file"),
+    threads: int = typer.Option(2, help="threads (fixed, as llama-bench -t)"),
+    prompt: int = typer.Option(512, help="prompt tokens processed in one batch (pp)"),
+    gen: int = typer.Option(128, help="tokens generated one at a time (tg)"),
+    reps: int = typer.Option(3, help="repetitions; the best is reported"),
+):
+    """Prompt-processing and generation speed (tokens/s), file bytes, effective bpw and peak RSS of a GGUF file."""
+    from .runtime.llamacpp import bench
+
+    res = bench(model_file, threads, prompt, gen, reps)
+    res["bpw"] = round(res["bytes"] * 8 / _gguf_params(model_file), 4)
+    print(json.dumps(res))
+
+
+def _gguf_params(path: Path) -> int:
+    from gguf import GGUFReader
+
+    return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(..., help="a .gguf file, a model directory, or any model spec"),
+    max_tokens: int = typer.Option(256, help="longest reply"),
+    system: Optional[str] = typer.Option(None, help="system prompt"),
+    threads: Optional[int] = typer.Option(None, help="llama.cpp threads"),
+):
+    """Chat with the model's own chat template; one message per line, an empty line or EOF ends."""
+    from .runtime import chat as ch
+
+    ch.run(model, max_tokens, system, threads)
 
 
 @app.command()

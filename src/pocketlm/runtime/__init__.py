@@ -1,0 +1,1 @@
+"""Running exported models: llama.cpp (through llama-cpp-python) for GGUF files."""
