@@ -4,9 +4,9 @@ block, without retraining.
 For each decoder layer, attention block first, then the MLP block: the block's input goes to the
 sparse block and to a dense copy (the weights before pruning); the gradient G of
 MSE(dense output, sparse output) with respect to the dense weights gives the score
-S = |W| * sqrt(mean over windows of G^2). Among pruned weights sorted by S descending and kept
-weights sorted ascending, r pairs have the pruned weight scoring higher; the top floor(alpha*r)
-pairs swap (the regrown weight gets its dense value, the dropped one becomes zero), so the
+S = |W| * sqrt(mean over windows of G^2), |W| the dense value of a pruned weight and the current
+value of a kept one. Among pruned weights sorted by S descending and kept weights sorted
+ascending, r pairs have the pruned weight scoring higher; the top floor(alpha*r) pairs swap (the regrown weight gets its dense value, the dropped one becomes zero), so the
 number of kept weights never changes. Rankings run over the whole block, each linear, or each
 output row; with an N:M mask, swaps stay inside one M-group so the pattern holds.
 """
@@ -136,9 +136,12 @@ class BarberProcessor(LayerProcessor):
             targets.append(out.detach())
             for n, g in zip(local, grads):
                 g2[n] += g.float().pow(2)
-        scores = {n: self.ctx.dense[full[n]].float().abs() * (g2[n].cpu() / len(feats)).sqrt() for n in local}
         old_w = {n: m.weight.detach().clone() for n, m in local.items()}
         old_k = {n: self.ctx.masks[full[n]] for n in local}
+        # |W|: a pruned weight would come back with its dense value, a kept one would lose its
+        # current value (which a pruner like SparseGPT has updated)
+        scores = {n: torch.where(old_k[n], old_w[n].cpu(), self.ctx.dense[full[n]]).float().abs()
+                  * (g2[n].cpu() / len(feats)).sqrt() for n in local}
         before = _block_mse(block, feats, targets, kwargs, kind)
         best, alpha = before, self.alpha
         for _ in range(self.tries):
