@@ -111,21 +111,22 @@ class BarberProcessor(LayerProcessor):
         for kind, norm, block in self.adapter.blocks(layer.module):
             prefix = _name_of(layer, block)
             local = {n: m for n, m in block.named_modules() if f"{prefix}.{n}" in self.ctx.masks}
+            if not local and kind == "mlp":
+                continue
+            with torch.no_grad():
+                feats = [norm(x.to(layer.device)) for x in x_in]
             if local:
-                with torch.no_grad():
-                    feats = [norm(x.to(layer.device)) for x in x_in]
                 self._rebuild(block, local, prefix, feats, layer.kwargs, kind)
             if kind == "attention":  # the MLP block sees the (rebuilt) attention's output
                 with torch.no_grad():
-                    x_in = [x.to(layer.device) + _call(block, norm(x.to(layer.device)), layer.kwargs, kind)
-                            for x in x_in]
+                    x_in = [x.to(layer.device) + _call(block, f, layer.kwargs, kind) for x, f in zip(x_in, feats)]
 
     def _rebuild(self, block, local, prefix, feats, kwargs, kind) -> None:
         full = {n: f"{prefix}.{n}" for n in local}
         dense = {f"{n}.weight": self.ctx.dense[full[n]].detach().to(m.weight).requires_grad_(True)
                  for n, m in local.items()}
         g2 = {n: torch.zeros_like(dense[f"{n}.weight"]) for n in local}
-        targets = []
+        targets, before = [], 0.0
         for f in feats:  # gradient of MSE(dense, sparse) at the dense weights, and the dense outputs
             with torch.no_grad():
                 sparse = _call(block, f, kwargs, kind)
@@ -134,6 +135,7 @@ class BarberProcessor(LayerProcessor):
                 loss = F.mse_loss(out.float(), sparse.float())
                 grads = torch.autograd.grad(loss, list(dense.values()))
             targets.append(out.detach())
+            before += float(loss.detach()) / len(feats)  # the sparse block's MSE, before any swap
             for n, g in zip(local, grads):
                 g2[n] += g.float().pow(2)
         old_w = {n: m.weight.detach().clone() for n, m in local.items()}
@@ -142,7 +144,6 @@ class BarberProcessor(LayerProcessor):
         # current value (which a pruner like SparseGPT has updated)
         scores = {n: torch.where(old_k[n], old_w[n].cpu(), self.ctx.dense[full[n]]).float().abs()
                   * (g2[n].cpu() / len(feats)).sqrt() for n in local}
-        before = _block_mse(block, feats, targets, kwargs, kind)
         best, alpha = before, self.alpha
         for _ in range(self.tries):
             new = self._new_masks(scores, old_k, alpha)
