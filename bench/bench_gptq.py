@@ -24,9 +24,9 @@ def gptq(bits, group, **extra):
                         **extra}]}
 
 
-def aptq(bpw, sensitivity="attention"):
+def aptq(bpw, sensitivity="attention", **extra):
     return {"stages": [{"method": "aptq", "bpw": bpw, "sensitivity": sensitivity, "damp": DAMP,
-                        "group_sizes": [128, 32]}]}
+                        "group_sizes": [128, 32], **extra}]}
 
 
 CONFIGS = {
@@ -42,6 +42,10 @@ CONFIGS = {
     "aptq-3.5-trace": aptq(3.5, "trace"),
     "aptq-4.0": aptq(4.0),
     "aptq-4.5": aptq(4.5),
+    "aptq-3.0-clip": aptq(3.0, clip=True),
+    "aptq-3.5-clip": aptq(3.5, clip=True),
+    "aptq-4.0-clip": aptq(4.0, clip=True),
+    "aptq-4.5-clip": aptq(4.5, clip=True),
 }
 
 

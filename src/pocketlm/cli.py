@@ -217,33 +217,25 @@ def analyze(
 @app.command()
 def export(
     model: str = typer.Argument(..., help="a pocketlm output directory, or any model spec"),
-    fmt: str = typer.Option("gguf", "--format", help="gguf"),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp) or compressed-tensors (transformers, vLLM)"),
     qtype: str = typer.Option("F16", "--type", help="GGUF type of linears not already on a GGUF grid: F16, F32, "
                                                     "Q8_0, Q5_1, Q5_0, Q4_1, Q4_0 (RTN)"),
     embed_type: str = typer.Option("F16", help="GGUF type of the token embedding"),
-    out_file: Path = typer.Option(..., "--out", help="the .gguf file to write (atomically)"),
+    out_file: Path = typer.Option(..., "--out", help="the .gguf file (or, for compressed-tensors, the directory) "
+                                                     "to write, atomically"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
 ):
-    """Write MODEL as a GGUF file llama.cpp runs; quantized linears keep the codes their quantizer chose."""
-    from . import models
-    from .export import gguf as G
-    from .export.saved import quant_records, source_gguf
-    from .fsutil import atomic_file
+    """Write MODEL as a GGUF file llama.cpp runs, or as a packed compressed-tensors checkpoint;
+    quantized linears keep the codes their quantizer chose."""
+    from .export import run_export
 
-    if fmt != "gguf":
-        raise PocketError(f"unknown --format '{fmt}'; supported: gguf")
-    config = models.load_config(model)
-    G.check_exportable(config)
+    if fmt not in ("gguf", "compressed-tensors"):
+        raise PocketError(f"unknown --format '{fmt}'; supported: gguf, compressed-tensors")
     if out_file.exists() and not overwrite:
         raise PocketError(f"{out_file} already exists; choose another --out or pass --overwrite")
-    src = models.resolve(model)
-    records = quant_records(src.path) if src.kind == "dir" else {}
-    gguf_src = src.describe() if src.kind == "gguf" else source_gguf(src.path) if src.kind == "dir" else None
-    m, tok, _ = models.load(model)
-    with atomic_file(out_file, overwrite=overwrite) as tmp:
-        types = G.write(m, tok, tmp, records, gguf_src, qtype, embed_type, name=Path(model).name)
-    counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
-    out.print(f"wrote {out_file} ({_bytes(out_file.stat().st_size)}); tensor types: {counts}")
+    report = run_export(model, fmt, out_file, qtype=qtype, embed_type=embed_type, overwrite=overwrite)
+    out.print(f"wrote {out_file} ({_bytes(report['bytes'])}); " +
+              ", ".join(f"{k}: {v}" for k, v in report.items() if k != "bytes"))
 
 
 @app.command("bench")

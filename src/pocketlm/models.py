@@ -113,7 +113,10 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
 
     hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kw)
+        if source.kind == "dir" and _is_compressed(source.path):
+            model = _load_compressed(source.path, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise PocketError(f"could not load the weights of {source.describe()}: {str(e).splitlines()[0]}") from None
     model = _plain(model) if source.kind == "gguf" else model
@@ -123,6 +126,30 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
         sparse.restore(model, Path(source.path) / sparse.FILE)
     model.to(device).eval()
     return model, load_tokenizer(source), source
+
+
+def _is_compressed(path: str) -> bool:
+    from .export import compressed
+
+    return compressed.is_checkpoint(path)
+
+
+def _load_compressed(path: str, dtype: torch.dtype) -> nn.Module:
+    """A compressed-tensors checkpoint, unpacked to a plain float model (exact weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .export import compressed
+
+    conf, state = compressed.read_weights(path)
+    config = AutoConfig.for_model(**conf)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if getattr(config, "tie_word_embeddings", False):
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise PocketError(f"{path}: the checkpoint does not match its config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); re-export it")
+    return model
 
 
 def load_config(source: "ModelSource | str"):

@@ -62,9 +62,23 @@ class CompressionResult:
                     tensors[f"{n}.zeros"] = r.zeros.contiguous()
                 save_file(tensors, str(tmp / "quantization.safetensors"))
             man = self.manifest()
+            man["exports"] = self._exports(tmp)
             man["bytes_on_disk"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             (tmp / "pocketlm.json").write_text(json.dumps(man, indent=2))
         return Path(out)
+
+    def _exports(self, tmp: Path) -> dict:
+        """Write the recipe's ``export`` targets inside the (temporary) output directory."""
+        from .export import export_model
+
+        done = {}
+        src = self.source if self.source and self.source.endswith(".gguf") else None
+        for target in self.recipe.export:
+            path = target.out_path(tmp)
+            rep = export_model(self.model, self.tokenizer, self.context.quant, target.format, path, target.type,
+                               target.embed_type, source_gguf=src, source_dir=tmp, name=self.recipe.name)
+            done[str(path.relative_to(tmp))] = {"format": target.format, **rep}
+        return done
 
 
 def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=None,
@@ -82,6 +96,8 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         source = model
         model, tokenizer, _ = models.load(model, device=device)
     recipe = resolve_recipe(recipe)
+    for target in recipe.export:
+        target.check(model.config)
     ctx = Context(model=model, tokenizer=tokenizer, device=device,
                   keep_dense=any(s.needs_dense_weights for s in recipe.stages))
     if isinstance(calibration, torch.Tensor):

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import PocketError
+from .export import ExportTarget
 from .stages import REGISTRY, Stage, load_builtin_methods
 
 
@@ -18,6 +19,8 @@ class Recipe(BaseModel):
     name: str = "custom"
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
+    export: list[ExportTarget] = Field(default_factory=list,
+                                       description="files compress writes next to the model (gguf, compressed-tensors)")
 
     @field_validator("stages", mode="before")
     @classmethod
@@ -45,6 +48,8 @@ class Recipe(BaseModel):
     def to_yaml(self) -> str:
         data = {"name": self.name, "description": self.description,
                 "stages": [s.model_dump(mode="json") for s in self.stages]}
+        if self.export:
+            data["export"] = [e.model_dump(mode="json", exclude_none=True) for e in self.export]
         return yaml.safe_dump(data, sort_keys=False)
 
     @property

@@ -1,1 +1,93 @@
-"""Exports that real runtimes load."""
+"""Exports that real runtimes load: GGUF (llama.cpp) and compressed-tensors (transformers, vLLM).
+
+``export_model`` writes an in-memory model (``compress`` calls it for a recipe's ``export``
+list); ``run_export`` loads a model or pocketlm output first (``pocketlm export``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_NAMES = ("gguf", "compressed-tensors")
+
+
+class ExportTarget(BaseModel):
+    """One file a recipe asks ``compress`` to write next to the model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["gguf", "compressed-tensors"]
+    type: str = Field("F16", description="GGUF: type of linears not already on a GGUF grid (F16, F32, Q8_0, ...)")
+    embed_type: str = Field("F16", description="GGUF: type of the token embedding")
+    path: str | None = Field(None, description="file or folder inside the output directory "
+                                               "(default model.gguf / compressed-tensors)")
+
+    def check(self, config) -> None:
+        """Refuse, before any work, a target this model cannot be written to."""
+        if self.format == "gguf":
+            from .gguf import FLOAT_TYPES, _check_type, check_exportable
+            from .ggml_blocks import FORMATS
+
+            check_exportable(config)
+            _check_type(self.type, (*FLOAT_TYPES, *FORMATS))
+            _check_type(self.embed_type, (*FLOAT_TYPES, *FORMATS))
+
+    def out_path(self, out_dir: Path) -> Path:
+        return out_dir / (self.path or ("model.gguf" if self.format == "gguf" else "compressed-tensors"))
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def export_model(model, tokenizer, records: dict, fmt: str, out: Path, qtype: str = "F16", embed_type: str = "F16",
+                 source_gguf: str | None = None, source_dir: str | Path | None = None,
+                 name: str | None = None) -> dict:
+    """Write ``model`` to ``out`` (a .gguf file, or a new directory for compressed-tensors)."""
+    out = Path(out)
+    if fmt == "gguf":
+        from . import gguf as G
+
+        types = G.write(model, tokenizer, out, records, source_gguf, qtype, embed_type, name=name)
+        counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
+        return {"bytes": _size(out), "tensor types": counts}
+    from . import compressed
+
+    out.mkdir(parents=True, exist_ok=True)
+    rep = compressed.write(model, records, out, source_dir)
+    if tokenizer is not None and not (out / "tokenizer.json").is_file():
+        tokenizer.save_pretrained(out)
+    return {"bytes": _size(out), **rep}
+
+
+def run_export(spec: str, fmt: str, out: Path, qtype: str = "F16", embed_type: str = "F16",
+               overwrite: bool = False) -> dict:
+    """Load ``spec`` (a pocketlm output keeps its quantizer's codes) and export it atomically."""
+    from .. import models
+    from ..fsutil import atomic_dir, atomic_file
+    from .saved import quant_records, source_gguf
+
+    config = models.load_config(spec)
+    if fmt == "gguf":
+        from .gguf import check_exportable
+
+        check_exportable(config)
+    src = models.resolve(spec)
+    records = quant_records(src.path) if src.kind == "dir" else {}
+    if fmt == "compressed-tensors" and not records:
+        from ..errors import PocketError
+
+        raise PocketError(f"{spec} has no quantized linears; compress it with rtn/gptq/aptq before a "
+                          f"compressed-tensors export (GGUF takes float models)")
+    gguf_src = src.describe() if src.kind == "gguf" else source_gguf(src.path) if src.kind == "dir" else None
+    model, tok, _ = models.load(spec)
+    if fmt == "gguf":
+        with atomic_file(out, overwrite=overwrite) as tmp:
+            rep = export_model(model, tok, records, fmt, tmp, qtype, embed_type, gguf_src, name=Path(spec).name)
+    else:
+        with atomic_dir(out, overwrite=overwrite) as tmp:
+            rep = export_model(model, tok, records, fmt, tmp, source_dir=src.path if src.kind == "dir" else None)
+    rep["bytes"] = _size(out)
+    return rep
