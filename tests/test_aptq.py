@@ -92,3 +92,13 @@ def test_aptq_clip_reaches_every_candidate_grid():
 
     st = from_dict({"stages": [{"method": "aptq", "bpw": 3.5, "clip": True}]}).stages[0]
     assert st.specs() and all(s.clip for s in st.specs())
+
+
+def test_gguf_types_budget_below_q4_0_is_refused():
+    model = make_tiny(layers=2)
+    stage = APTQ(bpw=3.5, formats=["gguf-q4_0", "gguf-q8_0"])
+    names = [n for n in Context(model=model).linears() if stage.selects(n)]
+    with pytest.raises(PocketError, match=r"below the smallest allowed plan \(4\.5000 bpw with Q4_0\)"):
+        stage.budget_bits(Context(model=model), names)
+    with pytest.raises(ValueError, match="unknown format"):
+        APTQ(bpw=5.0, formats=["gguf-q4_k"])

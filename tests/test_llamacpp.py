@@ -52,6 +52,34 @@ def test_quantized_gguf_matches_the_pytorch_model_it_came_from(tmp_path, tokeniz
         assert (cpp - ours).std() < 0.3 * (cpp - dense).std()
 
 
+def test_aptq_on_gguf_types_exports_one_type_per_tensor(tmp_path, tokenizer):
+    """APTQ restricted to GGUF block types: the budget holds, the plan mixes types, and the
+    GGUF file stores each linear in the type the plan chose (llama.cpp runs it as PyTorch does)."""
+    from pocketlm.export.ggml_blocks import FORMATS, format_for
+    from pocketlm.measure import TorchScorer
+
+    m = make_tiny(layers=2)
+    formats = ["gguf-q4_0", "gguf-q5_0", "gguf-q8_0"]
+    res = compress(m, {"stages": [{"method": "aptq", "bpw": 5.5, "formats": formats, "sensitivity": "trace"}]},
+                   calibration=WINDOWS)
+    quant = res.context.quant
+    assert res.context.size_report()["bpw_quantized"] <= 5.5
+    chosen = {format_for(r.spec).name for r in quant.values()}
+    assert len(chosen) >= 2 and chosen <= {"Q4_0", "Q5_0", "Q8_0"}
+    types = G.write(m, tokenizer, tmp_path / "mix.gguf", quant, embed_type="F32")
+    for name, rec in quant.items():
+        layer, rest = name.split(".")[2], name.split(".")[-1]
+        gname = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[rest]
+        assert types[f"blk.{layer}.{gname}.weight"] == format_for(rec.spec).name
+    bits = sum(FORMATS[t].bpw * res.context.module(n).weight.numel() for n, t in
+               ((n, format_for(r.spec).name) for n, r in quant.items()))
+    assert bits <= 5.5 * sum(res.context.module(n).weight.numel() for n in quant)
+    cpp = _logprobs(LlamaCppScorer(tmp_path / "mix.gguf", n_ctx=64, threads=2))
+    ours = _logprobs(TorchScorer(m))
+    assert (cpp - ours).std() < 0.02
+
+
 def test_cli_eval_and_bench_on_a_gguf(tmp_path, tokenizer):
     m = make_tiny(layers=2)
     G.write(m, tokenizer, tmp_path / "t.gguf", linear_type="Q8_0")

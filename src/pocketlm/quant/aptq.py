@@ -62,8 +62,8 @@ class SensitivityProcessor(HessianProcessor):
                 continue
             aware = self.mode == "attention" and _matches(name, self.attention)
             Hq = (curv[name].A if aware else H).to(self.device)
-            for group in sorted({s.group_size for s in self.specs}):
-                same = [s for s in self.specs if s.group_size == group]
+            for grid in sorted({(s.group_size, s.sym, s.zero_bits or 0) for s in self.specs}):
+                same = [s for s in self.specs if (s.group_size, s.sym, s.zero_bits or 0) == grid]
                 Qs = gptq_widths(W, Hq, same[0], [s.bits for s in same], percdamp=self.damp, act_order=self.act_order)
                 for s in same:
                     dW = W - Qs[s.bits].to(W.device)
@@ -96,6 +96,9 @@ class APTQ(Stage):
     bits: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6, 8], description="allowed bit widths")
     group_sizes: list[int] = Field(default_factory=lambda: [128], description="allowed group sizes (-1 = per row)")
     sym: bool = False
+    formats: list[str] | None = Field(None, description="allowed grids as GGUF block types instead of bits x "
+                                                         "group_sizes (e.g. [gguf-q4_0, gguf-q5_0, gguf-q8_0]): "
+                                                         "the plan exports to GGUF exactly, one type per tensor")
     clip: bool = Field(False, description="search a clipping ratio per group (every candidate grid)")
     act_order: bool = True
     sensitivity: Literal["attention", "hessian", "trace"] = "attention"
@@ -119,9 +122,20 @@ class APTQ(Stage):
             raise ValueError("bits must lie in 2..8")
         if any(g != -1 and g < 1 for g in self.group_sizes):
             raise ValueError("group sizes must be positive or -1")
+        if self.formats is not None:
+            from ..export.ggml_blocks import parse_format
+
+            if not self.formats:
+                raise ValueError("formats needs at least one GGUF type")
+            for f in self.formats:
+                parse_format(f)
         return self
 
     def specs(self) -> list[QuantSpec]:
+        if self.formats is not None:
+            from ..export.ggml_blocks import parse_format
+
+            return [parse_format(f).spec.model_copy(update={"clip": self.clip}) for f in self.formats]
         return [QuantSpec(bits=b, group_size=g, sym=self.sym, clip=self.clip)
                 for b, g in itertools.product(self.bits, self.group_sizes)]
 
@@ -138,8 +152,15 @@ class APTQ(Stage):
         if budget < smallest:
             raise PocketError(
                 f"budget {what} is below the smallest allowed plan ({smallest / params:.4f} bpw with "
-                f"{min(self.bits)}-bit groups); raise the budget or allow fewer bits / larger groups")
+                f"{self._smallest()}); raise the budget or allow fewer bits / larger groups")
         return budget
+
+    def _smallest(self) -> str:
+        if self.formats is not None:
+            from ..export.ggml_blocks import parse_format
+
+            return min((parse_format(f) for f in self.formats), key=lambda f: f.bpw).name
+        return f"{min(self.bits)}-bit groups"
 
     def run(self, ctx) -> dict:
         names = [n for n in ctx.linears() if self.selects(n)]
