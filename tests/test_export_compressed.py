@@ -109,3 +109,12 @@ def test_recipe_export_typo_is_a_one_line_error():
 
     with pytest.raises(PocketError, match="export"):
         from_dict({"stages": [{"method": "rtn"}], "export": [{"format": "ggml"}]})
+
+
+def test_gguf_export_of_a_grid_gguf_cannot_hold_fails_before_any_work(tokenizer):
+    model = make_tiny(seed=2)
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    recipe = {"stages": [{"method": "rtn", "bits": 4, "group_size": 128}], "export": [{"format": "gguf"}]}
+    with pytest.raises(PocketError, match=r"stage 1 \(rtn\) quantizes onto w4-g128-asym.*format: gguf-q4_0"):
+        compress(model, recipe, tokenizer=tokenizer)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)

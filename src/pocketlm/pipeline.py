@@ -97,7 +97,7 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         model, tokenizer, _ = models.load(model, device=device)
     recipe = resolve_recipe(recipe)
     for target in recipe.export:
-        target.check(model.config)
+        target.check(model.config, recipe.stages)
     ctx = Context(model=model, tokenizer=tokenizer, device=device,
                   keep_dense=any(s.needs_dense_weights for s in recipe.stages))
     if isinstance(calibration, torch.Tensor):

@@ -24,15 +24,23 @@ class ExportTarget(BaseModel):
     path: str | None = Field(None, description="file or folder inside the output directory "
                                                "(default model.gguf / compressed-tensors)")
 
-    def check(self, config) -> None:
-        """Refuse, before any work, a target this model cannot be written to."""
-        if self.format == "gguf":
-            from .gguf import FLOAT_TYPES, _check_type, check_exportable
-            from .ggml_blocks import FORMATS
+    def check(self, config, stages=()) -> None:
+        """Refuse, before any work, a target this model or these stages cannot be written to."""
+        if self.format != "gguf":
+            return
+        from ..errors import PocketError
+        from .ggml_blocks import FORMATS, format_for
+        from .gguf import FLOAT_TYPES, _check_type, check_exportable
 
-            check_exportable(config)
-            _check_type(self.type, (*FLOAT_TYPES, *FORMATS))
-            _check_type(self.embed_type, (*FLOAT_TYPES, *FORMATS))
+        check_exportable(config)
+        _check_type(self.type, (*FLOAT_TYPES, *FORMATS))
+        _check_type(self.embed_type, (*FLOAT_TYPES, *FORMATS))
+        for k, st in enumerate(stages, 1):
+            specs = st.specs() if hasattr(st, "specs") else [st.spec()] if hasattr(st, "spec") else []
+            off = [s.label() for s in specs if format_for(s) is None]
+            if off:
+                raise PocketError(f"stage {k} ({st.method}) quantizes onto {off[0]}, which no GGUF block type holds; "
+                                  f"give it format: gguf-q4_0 (or formats: [...] for aptq), or drop the gguf export")
 
     def out_path(self, out_dir: Path) -> Path:
         return out_dir / (self.path or ("model.gguf" if self.format == "gguf" else "compressed-tensors"))
