@@ -97,17 +97,22 @@ class BarberProcessor(LayerProcessor):
     """Rebuilds the masks of each layer's blocks from the layer's (sequential) inputs.
 
     Safeguard (not in the paper): a rebuild is kept only if it lowers the block's output MSE
-    on the calibration inputs; otherwise alpha is halved and the swap retried, and after
-    ``tries`` attempts the block keeps its mask."""
+    on ``held_out`` calibration windows (windows the gradient never saw; without
+    any, on the gradient's own windows); otherwise alpha is halved and the swap retried, and
+    after ``tries`` attempts the block keeps its mask."""
 
-    def __init__(self, ctx, alpha: float, granularity: str, windows: int, tries: int = 4):
+    def __init__(self, ctx, alpha: float, granularity: str, windows: int, tries: int = 4, held_out: int = 0,
+                 resolve: bool = False, damp: float = 0.01):
         self.ctx, self.alpha, self.granularity, self.windows, self.tries = ctx, alpha, granularity, windows, tries
+        self.held_out, self.resolve, self.damp = held_out, resolve, damp
         self.adapter = ModelAdapter(ctx.model)
         self.swapped: dict[str, int] = {}
         self.mse: dict[str, tuple[float, float]] = {}  # block -> (before, after) on calibration inputs
 
     def process(self, layer: LayerView) -> None:
-        x_in = [layer.inputs[i] for i in range(min(self.windows, len(layer.inputs)))]
+        n_grad = min(self.windows, len(layer.inputs))
+        n_all = min(n_grad + self.held_out, len(layer.inputs))
+        x_in = [layer.inputs[i] for i in range(n_all)]
         for kind, norm, block in self.adapter.blocks(layer.module):
             prefix = _name_of(layer, block)
             local = {n: m for n, m in block.named_modules() if f"{prefix}.{n}" in self.ctx.masks}
@@ -116,20 +121,23 @@ class BarberProcessor(LayerProcessor):
             with torch.no_grad():
                 feats = [norm(x.to(layer.device)) for x in x_in]
             if local:
-                self._rebuild(block, local, prefix, feats, layer.kwargs, kind)
+                self._rebuild(block, local, prefix, feats[:n_grad], feats[n_grad:], layer.kwargs, kind)
             if kind == "attention":  # the MLP block sees the (rebuilt) attention's output
                 with torch.no_grad():
                     x_in = [x.to(layer.device) + _call(block, f, layer.kwargs, kind) for x, f in zip(x_in, feats)]
 
-    def _rebuild(self, block, local, prefix, feats, kwargs, kind) -> None:
+    def _rebuild(self, block, local, prefix, feats, held, kwargs, kind) -> None:
         full = {n: f"{prefix}.{n}" for n in local}
         dense = {f"{n}.weight": self.ctx.dense[full[n]].detach().to(m.weight).requires_grad_(True)
                  for n, m in local.items()}
         g2 = {n: torch.zeros_like(dense[f"{n}.weight"]) for n in local}
         targets, before = [], 0.0
+        hessians = _HessianHooks(local) if self.resolve else None
         for f in feats:  # gradient of MSE(dense, sparse) at the dense weights, and the dense outputs
             with torch.no_grad():
                 sparse = _call(block, f, kwargs, kind)
+                if hessians is not None:
+                    hessians.capture = False
             with torch.enable_grad():
                 out = _call(block, f, kwargs, kind, params=dense)
                 loss = F.mse_loss(out.float(), sparse.float())
@@ -138,6 +146,17 @@ class BarberProcessor(LayerProcessor):
             before += float(loss.detach()) / len(feats)  # the sparse block's MSE, before any swap
             for n, g in zip(local, grads):
                 g2[n] += g.float().pow(2)
+            if hessians is not None:
+                hessians.capture = True
+        if hessians is not None:
+            hessians.remove()
+        if held:  # judge swaps on windows the gradient never saw
+            with torch.no_grad():
+                frozen = {k: v.detach() for k, v in dense.items()}
+                targets = [_call(block, f, kwargs, kind, params=frozen) for f in held]
+            before = _block_mse(block, held, targets, kwargs, kind)
+        else:
+            held = feats
         old_w = {n: m.weight.detach().clone() for n, m in local.items()}
         old_k = {n: self.ctx.masks[full[n]] for n in local}
         # |W|: a pruned weight would come back with its dense value, a kept one would lose its
@@ -147,8 +166,8 @@ class BarberProcessor(LayerProcessor):
         best, alpha = before, self.alpha
         for _ in range(self.tries):
             new = self._new_masks(scores, old_k, alpha)
-            self._apply(local, full, old_w, old_k, new)
-            mse = _block_mse(block, feats, targets, kwargs, kind)
+            self._apply(local, full, old_w, old_k, new, hessians)
+            mse = _block_mse(block, held, targets, kwargs, kind)
             if mse < before:
                 best = mse
                 break
@@ -181,15 +200,50 @@ class BarberProcessor(LayerProcessor):
                 new[n] = rebuild_flat(scores[n], keep, alpha)
         return new
 
-    def _apply(self, local, full, old_w, old_k, new) -> None:
-        """Kept weights keep their current values, regrown ones get their dense values."""
+    def _apply(self, local, full, old_w, old_k, new, hessians=None) -> None:
+        """Kept weights keep their current values, regrown ones get their dense values; with
+        ``hessians`` (a pruner that reconstructs, SparseGPT) a changed mask's weights are solved
+        again from the dense ones, as SparseGPT solves them for its own mask."""
+        from .sparsegpt import sparsegpt
+
         for n, lin in local.items():
             w = lin.weight
             nk = new[n].to(w.device)
-            stay = nk & old_k[n].to(w.device)
             with torch.no_grad():
-                w.copy_(torch.where(stay, old_w[n], torch.where(nk, self.ctx.dense[full[n]].to(w), torch.zeros_like(w))))
+                if hessians is not None and not torch.equal(new[n], old_k[n]):
+                    solved, _ = sparsegpt(self.ctx.dense[full[n]].to(w), hessians.H[n], None, percdamp=self.damp,
+                                          keep=nk)
+                    w.copy_(solved.to(w))
+                elif hessians is not None:
+                    w.copy_(old_w[n])
+                else:
+                    stay = nk & old_k[n].to(w.device)
+                    w.copy_(torch.where(stay, old_w[n],
+                                        torch.where(nk, self.ctx.dense[full[n]].to(w), torch.zeros_like(w))))
             self.ctx.masks[full[n]] = new[n]
+
+
+class _HessianHooks:
+    """H = 2/n sum x x^T of each linear's input, over the block's sparse forwards."""
+
+    def __init__(self, local: dict):
+        self.H, self.n, self.capture = {}, {}, True
+        self.handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in local.items()]
+
+    def _hook(self, name):
+        def hook(_mod, args):
+            if not self.capture:
+                return
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            n0, k = self.n.get(name, 0), x.shape[0]
+            H = self.H.get(name, torch.zeros(x.shape[1], x.shape[1], device=x.device))
+            self.H[name] = H * (n0 / (n0 + k)) + (x.T @ x) * (2 / (n0 + k))
+            self.n[name] = n0 + k
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
 def _block_mse(block, feats, targets, kwargs, kind) -> float:
@@ -219,8 +273,14 @@ class Barber(Stage):
     granularity: Literal["block", "layer", "row"] | None = Field(
         None, description="ranking over the block, each linear, or each output row (default by pruner; "
                           "N:M masks always swap within groups)")
-    windows: int | None = Field(None, ge=1, description="calibration windows used (default: all)")
+    windows: int | None = Field(None, ge=1, description="calibration windows for the gradient (default: all but "
+                                                        "the held-out ones)")
     tries: int = Field(4, ge=1, description="halve alpha until the block's output MSE falls, at most this often")
+    resolve: bool | None = Field(None, description="solve a changed mask's weights again (SparseGPT's column sweep "
+                                                   "from the dense weights); default: when SparseGPT pruned")
+    damp: float = Field(0.01, gt=0, description="damping of that solve, as a fraction of mean(diag H)")
+    held_out: int = Field(2, ge=0, description="calibration windows after the gradient's, held out to accept or "
+                                               "reject each block's swaps (0: judge on the gradient's windows)")
 
     needs_calibration = True
     needs_dense_weights: ClassVar[bool] = True
@@ -235,9 +295,14 @@ class Barber(Stage):
         alpha = self.alpha if self.alpha is not None else alpha
         gran = self.granularity or gran
         windows = ctx.windows()
-        proc = BarberProcessor(ctx, alpha, gran, self.windows or windows.shape[0], self.tries)
+        held = min(self.held_out, windows.shape[0] - 1)
+        n_grad = min(self.windows or windows.shape[0] - held, windows.shape[0] - held)
+        resolve = self.resolve if self.resolve is not None else ctx.pruned_by == "sparsegpt"
+        proc = BarberProcessor(ctx, alpha, gran, n_grad, self.tries, held, resolve, self.damp)
         run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="barber")
         before = sum(b for b, _ in proc.mse.values())
         after = sum(a for _, a in proc.mse.values())
-        return {"alpha": alpha, "granularity": gran, "swapped": sum(proc.swapped.values()),
+        return {"alpha": alpha, "granularity": gran, "swapped": sum(proc.swapped.values()), "gradient_windows": n_grad,
+                "held_out_windows": held, "blocks_rebuilt": sum(a < b for b, a in proc.mse.values()),
+                "blocks": len(proc.mse), "resolve": resolve,
                 "block_mse_before": before, "block_mse_after": after}

@@ -17,14 +17,22 @@ from .masks import PruneLayer, PruneStage, Target, check_nm
 
 
 @torch.no_grad()
-def sparsegpt(W: torch.Tensor, H: torch.Tensor, target: Target, blocksize: int = 128, percdamp: float = 0.01,
-              name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(W: torch.Tensor, H: torch.Tensor, target: Target | None, blocksize: int = 128, percdamp: float = 0.01,
+              name: str = "weight", keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W`` (d_out x d_in) given ``H``; returns (updated weight, keep-mask). Unstructured
-    targets remove exactly round(s * numel) weights in total (block quotas add up to it)."""
+    targets remove exactly round(s * numel) weights in total (block quotas add up to it).
+    With ``keep`` (a given mask, ``target`` unused) only the weights are solved: the same
+    column sweep spreads each pruned weight's error over the kept weights after it."""
+    if keep is not None:
+        return _sweep(W, H, blocksize, percdamp, fixed=keep)
+    return _sweep(W, H, blocksize, percdamp, target=target, name=name)
+
+
+def _sweep(W, H, blocksize, percdamp, target=None, name="weight", fixed=None):
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     d_out, d_in = W.shape
-    if target.nm is not None:
+    if target is not None and target.nm is not None:
         n_keep, m = target.nm
         check_nm(name, d_in, m)
         blocksize = max(m, blocksize // m * m)  # N:M groups never straddle a block
@@ -41,14 +49,16 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, target: Target, blocksize: int =
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
         drop = torch.zeros_like(W1, dtype=torch.bool)
-        if target.nm is None:
+        if fixed is not None:
+            drop = ~fixed[:, i1:i2].to(W.device)
+        elif target.nm is None:
             quota = round(target.sparsity * d_out * i2) - pruned
             if quota > 0:
                 score = (W1.pow(2) / d[None, :].pow(2)).reshape(-1)
                 drop.view(-1)[score.topk(quota, largest=False).indices] = True
             pruned += max(quota, 0)
         for i in range(i2 - i1):
-            if target.nm is not None and i % m == 0:
+            if fixed is None and target.nm is not None and i % m == 0:
                 score = W1[:, i : i + m].pow(2) / d[None, i : i + m].pow(2)
                 drop[:, i : i + m].scatter_(1, score.topk(m - n_keep, dim=1, largest=False).indices, True)
             w = W1[:, i]
