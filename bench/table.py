@@ -14,13 +14,16 @@ COLUMNS = {
               ("kl", "KL"), ("top1", "top-1"), ("bytes_on_disk", "MiB on disk"), ("compress_s", "compress s")],
     "gptq": [("config", "config"), ("bpw_quantized", "bpw"), ("ppl", "perplexity"), ("kl", "KL"), ("top1", "top-1"),
              ("compress_s", "compress s"), ("peak_rss_mib", "peak RSS MiB")],
+    "ondevice": [("config", "config"), ("bpw", "bpw"), ("bytes", "MiB"), ("ppl", "perplexity"), ("kl", "KL"),
+                 ("top1", "top-1"), ("pp_tok_s", "prefill tok/s"), ("tg_tok_s", "decode tok/s"),
+                 ("run_peak_rss_mib", "run peak RSS MiB"), ("token_embd", "token_embd")],
 }
 
 
 def cell(key: str, v) -> str:
     if v is None:
         return "–"
-    if key == "bytes_on_disk":
+    if key in ("bytes_on_disk", "bytes"):
         return f"{v / 2**20:.1f}"
     if isinstance(v, float):
         return f"{v:.4g}" if key != "ppl" else f"{v:.3f}"

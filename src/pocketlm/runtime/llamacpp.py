@@ -58,8 +58,6 @@ def bench(path: str | os.PathLike, threads: int, prompt: int = 512, gen: int = 1
     """Like llama-bench: prompt processing (``prompt`` tokens in one batch) and generation
     (``gen`` tokens one at a time) in tokens/s, the best of ``reps`` runs, plus file bytes and
     the process's peak RSS."""
-    import resource
-
     llm = load(path, n_ctx=prompt + gen + 8, threads=threads, logits_all=False)
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
@@ -78,4 +76,19 @@ def bench(path: str | os.PathLike, threads: int, prompt: int = 512, gen: int = 1
         tg.append(gen / (time.perf_counter() - t))
     return {"file": str(path), "bytes": Path(path).stat().st_size, "threads": threads,
             "pp_tokens": prompt, "pp_tok_s": round(max(pp), 2), "tg_tokens": gen, "tg_tok_s": round(max(tg), 2),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(_peak_rss_mib(), 1)}
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM on Linux (ru_maxrss survives exec, so a child started from
+    a big process would report its parent's size), ru_maxrss elsewhere."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
