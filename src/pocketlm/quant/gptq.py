@@ -60,8 +60,11 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     zeros = torch.zeros(d_out, n_groups, device=W.device)
     have = torch.zeros(n_groups, dtype=torch.bool)
     if act_order:  # static groups: every group's grid from the original weights
+        hd = torch.diag(H) if spec.clip else None  # a clipping search weighs each input by its energy
         for g in range(n_groups):
-            scales[:, g], zeros[:, g] = find_params(W[:, g * gl : (g + 1) * gl], spec, bits=bits)
+            cols = slice(g * gl, (g + 1) * gl)
+            scales[:, g], zeros[:, g] = find_params(W[:, cols], spec, weight=None if hd is None else hd[cols],
+                                                    bits=bits)
         have[:] = True
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
