@@ -118,3 +118,18 @@ def test_gguf_export_of_a_grid_gguf_cannot_hold_fails_before_any_work(tokenizer)
     with pytest.raises(PocketError, match=r"stage 1 \(rtn\) quantizes onto w4-g128-asym.*format: gguf-q4_0"):
         compress(model, recipe, tokenizer=tokenizer)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_reads_checkpoints_that_target_by_class_or_regex(tmp_path, tokenizer):
+    """llm-compressor writes targets as ["Linear"] or "re:" patterns instead of module names."""
+    src, res, logits = _compressed_dir(tmp_path, tokenizer, {"method": "rtn", "bits": 4, "group_size": 32})
+    run_export(str(src), "compressed-tensors", tmp_path / "ct")
+    cfg_path = tmp_path / "ct" / "config.json"
+    for targets in (["Linear"], ["re:.*layers\\.\\d+\\..*proj$"]):
+        conf = json.loads(cfg_path.read_text())
+        (group,) = conf["quantization_config"]["config_groups"].values()
+        group["targets"] = targets
+        cfg_path.write_text(json.dumps(conf))
+        back, _, _ = models.load(str(tmp_path / "ct"))
+        with torch.no_grad():
+            assert torch.equal(back(IDS).logits, logits)

@@ -72,7 +72,10 @@ class CompressionResult:
         from .export import export_model
 
         done = {}
-        src = self.source if self.source and self.source.endswith(".gguf") else None
+        src = None  # a GGUF source lends its tokenizer block as it is
+        if self.source:
+            where = models.resolve(self.source)
+            src = where.describe() if where.kind == "gguf" else None
         for target in self.recipe.export:
             path = target.out_path(tmp)
             rep = export_model(self.model, self.tokenizer, self.context.quant, target.format, path, target.type,

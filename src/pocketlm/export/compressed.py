@@ -176,17 +176,31 @@ def read_weights(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except (SafetensorError, OSError) as e:
         raise PocketError(f"{path / WEIGHT_FILE} is damaged or missing ({e}); re-export it") from None
     state = {k: v for k, v in tensors.items() if ".weight_" not in k}
-    for group in q.get("config_groups", {}).values():
+    groups = list(q.get("config_groups", {}).values())
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        name = key.removesuffix(".weight_packed")
+        group = _group_of(name, groups)
+        if group is None:
+            raise PocketError(f"{path}: no quantization config group targets {name}; the config is damaged")
         if group.get("format", q.get("format")) != "pack-quantized":
             raise PocketError(f"{path}: only the pack-quantized compressed-tensors format is read by pocketlm; "
                               f"load this checkpoint with transformers")
         w = group["weights"]
-        for name in group["targets"]:
-            parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".weight_")}
-            if "weight_packed" not in parts:
-                raise PocketError(f"{path}: {name} has no packed weight; the checkpoint is incomplete, re-export it")
-            try:
-                state[f"{name}.weight"] = unpack_linear(parts, w["num_bits"], w.get("group_size") or -1, w["symmetric"])
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise PocketError(f"{path}: {name}'s packed tensors are inconsistent ({e}); re-export it") from None
+        parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".weight_")}
+        try:
+            state[f"{name}.weight"] = unpack_linear(parts, w["num_bits"], w.get("group_size") or -1, w["symmetric"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise PocketError(f"{path}: {name}'s packed tensors are inconsistent ({e}); re-export it") from None
     return conf, state
+
+
+def _group_of(name: str, groups: list[dict]) -> dict | None:
+    """The config group whose targets name this linear: its exact name, a ``re:`` pattern, or
+    the class name ``Linear`` (how llm-compressor writes them)."""
+    import re
+
+    for g in groups:
+        for t in g.get("targets", []):
+            if t == name or t == "Linear" or (t.startswith("re:") and re.match(t[3:], name)):
+                return g
+    return None
