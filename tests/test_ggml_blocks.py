@@ -45,3 +45,26 @@ def test_recipe_format_puts_quantizers_on_gguf_grids():
     assert rec.spec.bpw(64, 160) == FORMATS["Q4_1"].bpw == 5.0  # d and m both float16, as the file stores
     with pytest.raises(PocketError, match="unknown format 'gguf-q3_k'"):
         compress(make_tiny(layers=1), {"stages": [{"method": "rtn", "format": "gguf-q3_k"}]})
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q5_0"])
+def test_q4_0_and_q5_0_grids_use_every_level_like_ggml(name):
+    """GGML's *_0 quantizer puts each block's largest-magnitude weight on code 0 (a signed
+    scale), using 2^b levels; our grid for these formats does the same, so RTN onto Q4_0 is as
+    accurate as llama.cpp's own, and clearly better than a +-(2^(b-1) - 1) symmetric grid."""
+    import gguf
+
+    from pocketlm.export.ggml_blocks import FORMATS, pack
+    from pocketlm.quant.grid import QuantSpec, quantize_weight
+
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    fmt = FORMATS[name]
+    qw = quantize_weight(W, fmt.spec)
+    qtype = gguf.GGMLQuantizationType[name]
+    ours = torch.from_numpy(gguf.quants.dequantize(pack(qw.codes, qw.scales, qw.zeros, fmt), qtype)).reshape(W.shape)
+    ggml = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(W.numpy(), qtype), qtype)).reshape(W.shape)
+    narrow = quantize_weight(W, QuantSpec(bits=fmt.bits, group_size=32, sym=True)).dequantize()
+    err = lambda D: float((D - W).pow(2).mean())  # noqa: E731
+    assert torch.equal(ours, qw.dequantize())
+    assert err(ours) < 1.01 * err(ggml) and err(ours) < 0.92 * err(narrow)
+    assert bool((qw.codes == 0).any())  # the extra level is used

@@ -47,13 +47,14 @@ class QuantRecord:
     def summary(self) -> dict:
         s = self.spec
         return {"method": self.method, "bits": s.bits, "group_size": s.group_size, "sym": s.sym,
-                "zero_bits": s.zero_bits, "bpw": round(s.bpw(*self.shape), 6), "shape": list(self.shape)}
+                "zero_bits": s.zero_bits, "signed_scale": s.signed_scale, "bpw": round(s.bpw(*self.shape), 6),
+                "shape": list(self.shape)}
 
     @classmethod
     def from_saved(cls, summary: dict, scales: torch.Tensor, zeros: torch.Tensor) -> "QuantRecord":
         """Rebuild a record from ``pocketlm.json``'s entry and ``quantization.safetensors``."""
         spec = QuantSpec(bits=summary["bits"], group_size=summary["group_size"], sym=summary["sym"],
-                         zero_bits=summary.get("zero_bits"))
+                         zero_bits=summary.get("zero_bits"), signed_scale=summary.get("signed_scale", False))
         return cls(summary["method"], spec, scales, zeros, tuple(summary["shape"]))
 
 

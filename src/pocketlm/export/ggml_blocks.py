@@ -2,7 +2,8 @@
 
 Every format here stores blocks of 32 consecutive inputs of a row with a float16 scale d (and,
 for the *_1 formats, a float16 offset m):
-- Q4_0: x = d * (q - 8), 4-bit q        - Q4_1: x = d * q + m, 4-bit q
+- Q4_0: x = d * (q - 8), 4-bit q        - Q4_1: x = d * q + m, 4-bit q   (d may be negative:
+  GGML puts a group's largest-magnitude weight on q = 0, using all 16 levels; so does our grid)
 - Q5_0: x = d * (q - 16), 5-bit q       - Q5_1: x = d * q + m, 5-bit q
 - Q8_0: x = d * q, 8-bit signed q
 Our grid (``quant.grid``) writes x = s * (q - z). A symmetric grid (z = 2^(b-1)) maps to the *_0
@@ -32,7 +33,8 @@ class BlockFormat:
     @property
     def spec(self) -> QuantSpec:
         """The pocketlm grid whose codes this format stores as they are."""
-        return QuantSpec(bits=self.bits, group_size=BLOCK, sym=self.sym, zero_bits=None if self.sym else 16)
+        return QuantSpec(bits=self.bits, group_size=BLOCK, sym=self.sym, zero_bits=None if self.sym else 16,
+                         signed_scale=self.sym and self.bits < 8)
 
     @property
     def block_bytes(self) -> int:
@@ -61,7 +63,7 @@ def format_for(spec: QuantSpec) -> BlockFormat | None:
     """The block format that holds ``spec``'s codes exactly, if any."""
     for f in FORMATS.values():
         if f.spec.bits == spec.bits and f.spec.sym == spec.sym and spec.group_size == BLOCK \
-                and spec.scale_bits == 16:
+                and spec.scale_bits == 16 and (spec.signed_scale <= f.spec.signed_scale):
             return f
     return None
 

@@ -30,6 +30,9 @@ class QuantSpec(BaseModel):
     scale_bits: int = Field(16, description="bits of each stored scale")
     zero_bits: int | None = Field(None, description="bits of each stored zero point (default: bits; GGUF's "
                                                     "*_1 formats store it as a float16 offset)")
+    signed_scale: bool = Field(False, description="symmetric grid whose scale carries the sign of the group's "
+                                                  "largest-magnitude weight, which lands on the extra code "
+                                                  "-2^(b-1) (GGML's Q4_0/Q5_0 rounding: 2^b levels, not 2^b - 1)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -95,13 +98,18 @@ def find_params(w: torch.Tensor, spec: QuantSpec, weight: torch.Tensor | None = 
 
 
 def _params_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, bits: torch.Tensor):
-    if spec.sym:
+    sign = torch.ones_like(lo)
+    if spec.sym and spec.signed_scale:  # x = s * (q - 2^(b-1)) with the extreme weight at q = 0
+        sign = torch.where(hi >= -lo, -1.0, 1.0)
+        scale = torch.maximum(-lo, hi) / 2 ** (bits - 1)
+    elif spec.sym:
         scale = torch.maximum(-lo, hi) / (2 ** (bits - 1) - 1)
     else:
         scale = (hi - lo) / (2**bits - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     if spec.scale_bits == 16:
         scale = fp16_ceil(scale.clamp(min=2**-24))
+    scale = scale * sign
     if spec.sym:
         zero = 2 ** (bits - 1)
     else:
