@@ -31,7 +31,7 @@ from common import RESULTS, calibrated_main, emit  # noqa: E402
 
 TYPES = ("Q8_0", "Q5_0", "Q4_0")
 LLAMA_PRESETS = (*TYPES, "Q5_K_M", "Q4_K_M")
-APTQ_BPW = (5.0,)
+APTQ_BPW = (5.0, 5.5)
 APTQ_FORMATS = ["gguf-q4_0", "gguf-q5_0", "gguf-q8_0"]
 CONFIGS = ["f16", *[f"llama.cpp-{t}" for t in LLAMA_PRESETS], *[f"rtn-{t}" for t in TYPES],
            *[f"gptq-{t}" for t in TYPES], *[f"aptq-{b}" for b in APTQ_BPW]]
