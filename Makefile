@@ -30,6 +30,9 @@ bench: install  # several hours on 2 CPU cores; each script also runs alone (see
 	$(PY) bench/bench_gptq.py
 	$(PY) bench/bench_aptq_time.py
 	$(PY) bench/bench_prune.py
+	$(PY) bench/bench_ondevice.py
+	$(PY) bench/bench_ondevice.py --speed
+	$(PY) bench/bench_ondevice.py --plot
 
 clean:
 	rm -rf $(VENV) demo-out
