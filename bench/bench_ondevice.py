@@ -102,7 +102,7 @@ def measure(name: str, path: Path, windows: int, extra: dict) -> None:
     from pocketlm.runtime.llamacpp import LlamaCppScorer
 
     torch.set_num_threads(THREADS)
-    _, tok = None, models.load_tokenizer(models.resolve("smollm2-135m"))
+    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
     ids = eval_windows(tok, "wikitext2", 2048, windows)
     folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
     ref_path = folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32"

@@ -24,6 +24,7 @@ from ..calibrate import LayerProcessor, LayerView, run_layerwise
 from ..errors import PocketError
 from ..models import ModelAdapter
 from ..stages import Stage, register
+from ..stats import HessianProcessor
 
 #: Defaults by the pruner that chose the masks (METHODS.md): (alpha, granularity).
 DEFAULTS = {"wanda": (0.01, "row"), "magnitude": (0.1, "block"), "sparsegpt": (0.1, "layer")}
@@ -211,7 +212,7 @@ class BarberProcessor(LayerProcessor):
             nk = new[n].to(w.device)
             with torch.no_grad():
                 if hessians is not None and not torch.equal(new[n], old_k[n]):
-                    solved, _ = sparsegpt(self.ctx.dense[full[n]].to(w), hessians.H[n], None, percdamp=self.damp,
+                    solved, _ = sparsegpt(self.ctx.dense[full[n]].to(w), hessians.hessian(n), None, percdamp=self.damp,
                                           keep=nk)
                     w.copy_(solved.to(w))
                 elif hessians is not None:
@@ -224,22 +225,21 @@ class BarberProcessor(LayerProcessor):
 
 
 class _HessianHooks:
-    """H = 2/n sum x x^T of each linear's input, over the block's sparse forwards."""
+    """H = 2/N X X^T of each linear's input over the block's sparse forwards (the engine's
+    accumulator, fed by hooks on the block's own linears)."""
 
     def __init__(self, local: dict):
-        self.H, self.n, self.capture = {}, {}, True
+        self.acc, self.capture = HessianProcessor(lambda name: True), True
         self.handles = [lin.register_forward_pre_hook(self._hook(n)) for n, lin in local.items()]
 
     def _hook(self, name):
         def hook(_mod, args):
-            if not self.capture:
-                return
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            n0, k = self.n.get(name, 0), x.shape[0]
-            H = self.H.get(name, torch.zeros(x.shape[1], x.shape[1], device=x.device))
-            self.H[name] = H * (n0 / (n0 + k)) + (x.T @ x) * (2 / (n0 + k))
-            self.n[name] = n0 + k
+            if self.capture:
+                self.acc.observe(name, args[0].detach().reshape(-1, args[0].shape[-1]))
         return hook
+
+    def hessian(self, name: str) -> torch.Tensor:
+        return self.acc.hessian(name)
 
     def remove(self):
         for h in self.handles:
