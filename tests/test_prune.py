@@ -96,6 +96,51 @@ def test_nm_pattern_holds_after_pruning_rebuild_and_gptq():
         assert (lin.weight[~res.context.masks[name]] == 0).all(), name  # GPTQ kept pruned weights at zero
 
 
+def test_barber_model_judge_lowers_the_models_held_out_kl():
+    """With judge "model", a block keeps its swaps only if the model's KL from the dense model on
+    the held-out windows falls; the KLs it reports are the model's, measured independently."""
+    import torch.nn.functional as F
+
+    win = _windows(n=6)
+    held = win[4:]
+
+    def kl(model):
+        with torch.no_grad():
+            p, q = (F.log_softmax(x(held).logits.float(), -1) for x in (make_tiny(layers=3), model))
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    magnitude = {"method": "magnitude", "sparsity": 0.5}
+    pruned = make_tiny(layers=3)
+    compress(pruned, {"stages": [magnitude]}, calibration=win)
+    m = make_tiny(layers=3)
+    rep = compress(m, {"stages": [magnitude, {"method": "barber", "alpha": 0.1, "granularity": "block", "windows": 4,
+                                              "held_out": 2}]}, calibration=win).stages[1]
+    assert rep["judge"] == "model" and rep["swapped"] > 0
+    assert rep["model_kl_before"] == pytest.approx(kl(pruned), rel=1e-4)
+    assert rep["model_kl_after"] == pytest.approx(kl(m), rel=1e-4)
+    assert rep["model_kl_after"] < rep["model_kl_before"]
+
+
+def test_barber_model_judge_rejection_restores_mask_and_weights(monkeypatch):
+    """A judge that sees every change as worse leaves the pruner's masks and weights exactly,
+    also when the changed masks' weights were solved again (``resolve``)."""
+    from pocketlm.prune.judge import ModelJudge
+
+    calls = iter(range(1000))
+    monkeypatch.setattr(ModelJudge, "kl", lambda self, *a: float(next(calls)))
+    win = _windows(n=6)
+    stage = {"method": "magnitude", "sparsity": 0.5}
+    for resolve in (False, True):
+        ref, m = make_tiny(layers=2), make_tiny(layers=2)
+        before = compress(ref, {"stages": [stage]}, calibration=win)
+        rep = compress(m, {"stages": [stage, {"method": "barber", "alpha": 0.2, "granularity": "layer", "windows": 4,
+                                              "resolve": resolve}]}, calibration=win)
+        assert rep.stages[1]["blocks_rejected_by_model"] > 0 and rep.stages[1]["swapped"] == 0
+        for name, lin in _layer_linears(m).items():
+            assert torch.equal(rep.context.masks[name], before.context.masks[name]), name
+            assert torch.equal(lin.weight, _layer_linears(ref)[name].weight), name
+
+
 def test_rebuild_swaps_keep_counts_and_patterns():
     g = torch.Generator().manual_seed(3)
     score = torch.rand(32, 64, generator=g)
@@ -114,7 +159,8 @@ def test_rebuild_swaps_keep_counts_and_patterns():
 def test_barber_lowers_block_mse_keeps_counts():
     for first in ("magnitude", "wanda", "sparsegpt"):
         m = make_tiny(layers=2)
-        stages = [{"method": first, "sparsity": 0.5}, {"method": "barber", "alpha": 0.1, "granularity": "block"}]
+        stages = [{"method": first, "sparsity": 0.5},
+                  {"method": "barber", "alpha": 0.1, "granularity": "block", "judge": "block"}]
         ref = make_tiny(layers=2)
         before = compress(ref, {"stages": stages[:1]}, calibration=_windows())
         res = compress(m, {"stages": stages}, calibration=_windows())

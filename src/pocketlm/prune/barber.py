@@ -25,6 +25,7 @@ from ..errors import PocketError
 from ..models import ModelAdapter
 from ..stages import Stage, register
 from ..stats import HessianProcessor
+from .judge import ModelJudge
 
 #: Defaults by the pruner that chose the masks (METHODS.md): (alpha, granularity).
 DEFAULTS = {"wanda": (0.01, "row"), "magnitude": (0.1, "block"), "sparsegpt": (0.1, "layer")}
@@ -97,23 +98,33 @@ def nm_of(keep: torch.Tensor, m_candidates=(4, 8, 16)) -> int | None:
 class BarberProcessor(LayerProcessor):
     """Rebuilds the masks of each layer's blocks from the layer's (sequential) inputs.
 
-    Safeguard (not in the paper): a rebuild is kept only if it lowers the block's output MSE
+    Safeguards (not in the paper): a rebuild is kept only if it lowers the block's output MSE
     on ``held_out`` calibration windows (windows the gradient never saw; without
     any, on the gradient's own windows); otherwise alpha is halved and the swap retried, and
-    after ``tries`` attempts the block keeps its mask."""
+    after ``tries`` attempts the block keeps its mask. With a ``judge`` (``ModelJudge`` on the
+    held-out windows), the swaps that pass must also lower the model's output KL from the dense
+    model, measured through the rest of the model, or the block keeps its mask."""
 
     def __init__(self, ctx, alpha: float, granularity: str, windows: int, tries: int = 4, held_out: int = 0,
-                 resolve: bool = False, damp: float = 0.01):
+                 resolve: bool = False, damp: float = 0.01, judge: ModelJudge | None = None):
         self.ctx, self.alpha, self.granularity, self.windows, self.tries = ctx, alpha, granularity, windows, tries
-        self.held_out, self.resolve, self.damp = held_out, resolve, damp
+        self.held_out, self.resolve, self.damp, self.judge = held_out, resolve, damp, judge
         self.adapter = ModelAdapter(ctx.model)
         self.swapped: dict[str, int] = {}
         self.mse: dict[str, tuple[float, float]] = {}  # block -> (before, after) on calibration inputs
+        self.kl: list[float] = []  # the judge's model KL: at the start, then after each accepted block
+        self.rejected = 0  # blocks whose MSE-passing swaps the judge turned down
 
     def process(self, layer: LayerView) -> None:
         n_grad = min(self.windows, len(layer.inputs))
         n_all = min(n_grad + self.held_out, len(layer.inputs))
         x_in = [layer.inputs[i] for i in range(n_all)]
+        judged = x_in[n_grad:] if n_all > n_grad else x_in[:n_grad]  # the judge's windows, as it was built
+        confirm = None
+        if self.judge is not None:
+            confirm = lambda: self._confirm(layer, judged)  # noqa: E731
+            if not self.kl:
+                self.kl.append(self.judge.kl(layer.index, judged, layer.kwargs))
         for kind, norm, block in self.adapter.blocks(layer.module):
             prefix = _name_of(layer, block)
             local = {n: m for n, m in block.named_modules() if f"{prefix}.{n}" in self.ctx.masks}
@@ -122,12 +133,23 @@ class BarberProcessor(LayerProcessor):
             with torch.no_grad():
                 feats = [norm(x.to(layer.device)) for x in x_in]
             if local:
-                self._rebuild(block, local, prefix, feats[:n_grad], feats[n_grad:], layer.kwargs, kind)
+                self._rebuild(block, local, prefix, feats[:n_grad], feats[n_grad:], layer.kwargs, kind, confirm)
             if kind == "attention":  # the MLP block sees the (rebuilt) attention's output
                 with torch.no_grad():
                     x_in = [x.to(layer.device) + _call(block, f, layer.kwargs, kind) for x, f in zip(x_in, feats)]
 
-    def _rebuild(self, block, local, prefix, feats, held, kwargs, kind) -> None:
+    def _confirm(self, layer: LayerView, inputs: list[torch.Tensor]) -> bool:
+        """Does the layer's current state lower the model's KL from the dense model?"""
+        if not self.kl:
+            raise RuntimeError("the judge's starting KL is measured before any swap")
+        kl = self.judge.kl(layer.index, inputs, layer.kwargs)
+        if kl < self.kl[-1]:
+            self.kl.append(kl)
+            return True
+        self.rejected += 1
+        return False
+
+    def _rebuild(self, block, local, prefix, feats, held, kwargs, kind, confirm=None) -> None:
         full = {n: f"{prefix}.{n}" for n in local}
         dense = {f"{n}.weight": self.ctx.dense[full[n]].detach().to(m.weight).requires_grad_(True)
                  for n, m in local.items()}
@@ -174,7 +196,11 @@ class BarberProcessor(LayerProcessor):
                 break
             alpha /= 2
         else:
-            new = old_k
+            new = None
+        if new is not None and confirm is not None and not confirm():
+            new = None
+        if new is None:
+            new, best = old_k, before
             self._apply(local, full, old_w, old_k, new)
         self.mse[prefix] = (before, best)
         for n in local:
@@ -281,6 +307,10 @@ class Barber(Stage):
     damp: float = Field(0.01, gt=0, description="damping of that solve, as a fraction of mean(diag H)")
     held_out: int = Field(2, ge=0, description="calibration windows after the gradient's, held out to accept or "
                                                "reject each block's swaps (0: judge on the gradient's windows)")
+    judge: Literal["block", "model"] = Field(
+        "model", description="what a block's swaps must lower on those windows: the block's output MSE only, or "
+                             "also the model's output KL from the dense model (one pass through the rest of the "
+                             "model per block)")
 
     needs_calibration = True
     needs_dense_weights: ClassVar[bool] = True
@@ -298,11 +328,17 @@ class Barber(Stage):
         held = min(self.held_out, windows.shape[0] - 1)
         n_grad = min(self.windows or windows.shape[0] - held, windows.shape[0] - held)
         resolve = self.resolve if self.resolve is not None else ctx.pruned_by == "sparsegpt"
-        proc = BarberProcessor(ctx, alpha, gran, n_grad, self.tries, held, resolve, self.damp)
+        judge = None
+        if self.judge == "model":
+            ids = windows[n_grad : n_grad + held] if held else windows[:n_grad]
+            judge = ModelJudge(ctx.model, ids, {n: ctx.dense[n] for n in ctx.masks})
+        proc = BarberProcessor(ctx, alpha, gran, n_grad, self.tries, held, resolve, self.damp, judge)
         run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="barber")
         before = sum(b for b, _ in proc.mse.values())
         after = sum(a for _, a in proc.mse.values())
-        return {"alpha": alpha, "granularity": gran, "swapped": sum(proc.swapped.values()), "gradient_windows": n_grad,
+        model = {"model_kl_before": proc.kl[0], "model_kl_after": proc.kl[-1], "blocks_rejected_by_model": proc.rejected} \
+            if judge is not None else {}
+        return {**model, "judge": self.judge, "alpha": alpha, "granularity": gran, "swapped": sum(proc.swapped.values()), "gradient_windows": n_grad,
                 "held_out_windows": held, "blocks_rebuilt": sum(a < b for b, a in proc.mse.values()),
                 "blocks": len(proc.mse), "resolve": resolve,
                 "block_mse_before": before, "block_mse_after": after}
