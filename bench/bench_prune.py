@@ -8,7 +8,9 @@ One JSON line per result (also in bench/results/prune.jsonl): WikiText-2 perplex
 first N windows of 2048 tokens, KL divergence and top-1 agreement against the float model, the
 sparsity, bytes on disk of the saved result (sparse storage: bitmask + kept values), and wall
 time. A pruner's configuration reports the pruned model and then, after the rebuild runs on it,
-the rebuilt one ("+barber": gradient from the first 4 calibration windows, swaps checked on the next 2). The float model's log-probabilities are computed once and kept in
+the rebuilt one ("+barber": gradient from the first 4 calibration windows; a block's swaps are
+kept only if, on the next 2, the block's output MSE and the model's KL from the dense model both
+fall). The float model's log-probabilities are computed once and kept in
 a scratch file (POCKETLM_REF_CACHE, default /tmp) that every configuration compares against.
 """
 from __future__ import annotations
