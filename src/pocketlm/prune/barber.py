@@ -6,8 +6,9 @@ sparse block and to a dense copy (the weights before pruning); the gradient G of
 MSE(dense output, sparse output) with respect to the dense weights gives the score
 S = |W| * sqrt(mean over windows of G^2), |W| the dense value of a pruned weight and the current
 value of a kept one. Among pruned weights sorted by S descending and kept weights sorted
-ascending, r pairs have the pruned weight scoring higher; the top floor(alpha*r) pairs swap (the regrown weight gets its dense value, the dropped one becomes zero), so the
-number of kept weights never changes. Rankings run over the whole block, each linear, or each
+ascending, r pairs have the pruned weight scoring higher; the top floor(alpha*r) pairs swap
+(the regrown weight gets its dense value, the dropped one becomes zero), so the number of kept
+weights never changes. Rankings run over the whole block, each linear, or each
 output row; with an N:M mask, swaps stay inside one M-group so the pattern holds.
 """
 from __future__ import annotations
@@ -336,9 +337,10 @@ class Barber(Stage):
         run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="barber")
         before = sum(b for b, _ in proc.mse.values())
         after = sum(a for _, a in proc.mse.values())
-        model = {"model_kl_before": proc.kl[0], "model_kl_after": proc.kl[-1], "blocks_rejected_by_model": proc.rejected} \
-            if judge is not None else {}
-        return {**model, "judge": self.judge, "alpha": alpha, "granularity": gran, "swapped": sum(proc.swapped.values()), "gradient_windows": n_grad,
+        model = {} if judge is None else {"model_kl_before": proc.kl[0], "model_kl_after": proc.kl[-1],
+                                          "blocks_rejected_by_model": proc.rejected}
+        return {**model, "judge": self.judge, "alpha": alpha, "granularity": gran,
+                "swapped": sum(proc.swapped.values()), "gradient_windows": n_grad,
                 "held_out_windows": held, "blocks_rebuilt": sum(a < b for b, a in proc.mse.values()),
                 "blocks": len(proc.mse), "resolve": resolve,
                 "block_mse_before": before, "block_mse_after": after}
