@@ -46,8 +46,14 @@ class EvalResult:
         return asdict(self)
 
 
-def _logprobs(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def logprobs(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities of hidden states (positions, hidden), in float32."""
     return F.log_softmax(head(hidden).float(), dim=-1)
+
+
+def kl_sum(ref: torch.Tensor, lp: torch.Tensor) -> float:
+    """Sum over positions of KL(ref || lp), both log-probabilities (positions, vocab)."""
+    return (ref.exp() * (ref - lp)).sum().item()
 
 
 class TorchScorer:
@@ -63,7 +69,7 @@ class TorchScorer:
         positions at a time (every scorer chunks alike, so their chunks line up)."""
         h = self.adapter.hidden_states(ids[None].to(self.device))[0, :-1]
         for c in range(0, h.shape[0], chunk):
-            yield _logprobs(self.adapter.head, h[c : c + chunk]).cpu()
+            yield logprobs(self.adapter.head, h[c : c + chunk]).cpu()
 
 
 class ReferenceCache:
@@ -142,7 +148,7 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str =
                 if ref_chunks is not None:
                     lp_ref = next(ref_chunks).to(lp)
                     ref_nll += -lp_ref.gather(1, tgt[:, None]).sum().item()
-                    kl += (lp_ref.exp() * (lp_ref - lp)).sum().item()
+                    kl += kl_sum(lp_ref, lp)
                     agree += (lp_ref.argmax(-1) == lp.argmax(-1)).sum().item()
                 count += tgt.numel()
             advance()

@@ -140,9 +140,8 @@ class BarberProcessor(LayerProcessor):
                     x_in = [x.to(layer.device) + _call(block, f, layer.kwargs, kind) for x, f in zip(x_in, feats)]
 
     def _confirm(self, layer: LayerView, inputs: list[torch.Tensor]) -> bool:
-        """Does the layer's current state lower the model's KL from the dense model?"""
-        if not self.kl:
-            raise RuntimeError("the judge's starting KL is measured before any swap")
+        """Does the layer's current state lower the model's KL from the dense model? (``process``
+        measured the starting KL before the first swap.)"""
         kl = self.judge.kl(layer.index, inputs, layer.kwargs)
         if kl < self.kl[-1]:
             self.kl.append(kl)

@@ -8,8 +8,8 @@ swaps only if the model's output moves toward the dense model's."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ..measure import kl_sum, logprobs
 from ..models import ModelAdapter
 
 
@@ -28,13 +28,11 @@ class ModelJudge:
                     lin.weight.copy_(w.to(lin.weight))
                 for i in range(windows.shape[0]):
                     h = self.adapter.hidden_states(windows[i : i + 1].to(next(model.parameters()).device))[0]
-                    self.ref.append([self._logprobs(h[c : c + chunk]) for c in range(0, h.shape[0], chunk)])
+                    self.ref.append([logprobs(self.adapter.head, h[c : c + chunk])
+                                     for c in range(0, h.shape[0], chunk)])
             finally:
                 for name, w in saved.items():
                     model.get_submodule(name).weight.copy_(w)
-
-    def _logprobs(self, h: torch.Tensor) -> torch.Tensor:
-        return F.log_softmax(self.adapter.head(h).float(), dim=-1)
 
     def kl(self, start: int, inputs: list[torch.Tensor], kwargs: dict) -> float:
         """Mean KL(dense || model) per token, from decoder layer ``start``'s ``inputs`` (one per
@@ -48,7 +46,7 @@ class ModelJudge:
                     h = out[0] if isinstance(out, tuple) else out
                 h = self.adapter.norm(h)[0]
                 for c, r in zip(range(0, h.shape[0], self.chunk), ref):
-                    lp = self._logprobs(h[c : c + self.chunk])
-                    total += float((r.exp() * (r - lp)).sum())
+                    lp = logprobs(self.adapter.head, h[c : c + self.chunk])
+                    total += kl_sum(r, lp)
                     count += lp.shape[0]
         return total / count
