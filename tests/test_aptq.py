@@ -72,6 +72,38 @@ def test_curvature_predicts_the_layer_output_error(proj):
     assert 0.5 < predicted / actual < 2.0, (predicted, actual)
 
 
+def test_model_sampled_labels_estimate_the_kl_and_data_labels_do_not():
+    """target "kl": with next tokens drawn from the model, sum_t (g_t . d_t)^2 / 2 over a small
+    change d of the last layer's output estimates the KL it causes; the text's own tokens (here
+    random) overestimate it on a model with peaked distributions."""
+    from pocketlm.quant.sensitivity import loss_gradients
+
+    model = make_tiny(layers=2, vocab=512)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3.0)  # peaked next-token distributions (entropy ~2.5 nats)
+    ids = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(1))
+    delta = 0.05 * torch.randn(8, 64, 64, generator=torch.Generator().manual_seed(2))
+
+    def logp(shift: bool) -> torch.Tensor:
+        out = []
+        for w in range(ids.shape[0]):
+            add = lambda mod, args, o: (o[0] + delta[w : w + 1], *o[1:]) if isinstance(o, tuple) \
+                else o + delta[w : w + 1]  # noqa: E731
+            h = model.model.layers[-1].register_forward_hook(add) if shift else None
+            with torch.no_grad():
+                out.append(model(ids[w : w + 1]).logits[0, :-1].float().log_softmax(-1))
+            if h is not None:
+                h.remove()
+        return torch.cat(out)
+
+    p, q = logp(False), logp(True)
+    kl = float((p.exp() * (p - q)).sum())
+    est = {lab: float(((loss_gradients(model, ids, labels=lab)[-1][:, :-1] * delta[:, :-1]).sum(-1) ** 2).sum()) / 2
+           for lab in ("model", "data")}
+    assert abs(est["model"] / kl - 1) < 0.15, (est, kl)
+    assert est["data"] / kl > 1.5, (est, kl)
+
+
 def test_bytes_budget_is_honoured(tokenizer):
     from pocketlm.data import calibration_windows
 

@@ -106,9 +106,11 @@ class APTQ(Stage):
                                  description="linears whose curvature is taken through the attention")
     analysis_windows: int = Field(16, ge=1, description="calibration windows for the sensitivity analysis")
     grad_windows: int = Field(4, ge=1, description="windows backpropagated per layer for the curvature")
-    target: Literal["loss", "random"] = Field(
-        "loss", description="output direction of the curvature: the LM loss gradient at each layer's output "
-                            "(costs in one unit across layers) or random projections (per-layer Gauss-Newton)")
+    target: Literal["loss", "kl", "random"] = Field(
+        "loss", description="output direction of the curvature: the gradient at each layer's output of the LM "
+                            "loss on the calibration text ('loss') or on tokens drawn from the model itself "
+                            "('kl': costs estimate the KL from the unquantized model), both in one unit across "
+                            "layers, or random projections (per-layer Gauss-Newton)")
     blocksize: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0)
 
@@ -168,10 +170,11 @@ class APTQ(Stage):
         specs = self.specs()
         windows = ctx.windows()
         targets = None
-        if self.sensitivity == "attention" and self.target == "loss":
+        if self.sensitivity == "attention" and self.target != "random":
             from .sensitivity import loss_gradients
 
-            targets = loss_gradients(ctx.model, windows[: self.grad_windows])
+            targets = loss_gradients(ctx.model, windows[: self.grad_windows],
+                                     labels="model" if self.target == "kl" else "data")
         ana = SensitivityProcessor(self.selects, specs, self.sensitivity, self.attention, self.grad_windows,
                                    self.act_order, self.damp, ctx.device, targets)
         run_layerwise(ctx.model, windows[: self.analysis_windows], ana, offload=ctx.calibration.offload,

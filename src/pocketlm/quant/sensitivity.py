@@ -29,10 +29,15 @@ class Curvature:
         return float((((dW @ self.A) * dW).sum(1) * self.v).sum())
 
 
-def loss_gradients(model, windows: torch.Tensor) -> list[torch.Tensor]:
+def loss_gradients(model, windows: torch.Tensor, labels: str = "data", seed: int = 0) -> list[torch.Tensor]:
     """Gradient of the next-token loss with respect to every decoder layer's output, for each
     window: a list over layers of (n, L, hidden) tensors. Weighting a layer's output error with
-    it (instead of a random r) puts every layer's cost in the unit of the model's loss."""
+    it (instead of a random r) puts every layer's cost in the unit of the model's loss.
+
+    ``labels="data"``: the text's next tokens (empirical Fisher, follows the loss on text like
+    the calibration's). ``labels="model"``: one next token per position drawn from the model's
+    own distribution (seeded), so E[g g^T] is the true Fisher, the Hessian of the KL divergence
+    from the unquantized model: a cost in this unit estimates twice the KL a change causes."""
     from ..models import ModelAdapter
 
     layers = ModelAdapter(model).layers
@@ -48,6 +53,9 @@ def loss_gradients(model, windows: torch.Tensor) -> list[torch.Tensor]:
         return f
 
     grads = [torch.empty(windows.shape[0], windows.shape[1], model.config.hidden_size) for _ in layers]
+    if labels not in ("data", "model"):
+        raise ValueError(f"labels must be 'data' or 'model', not {labels!r}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     was = [p.requires_grad for p in model.parameters()]
     try:
@@ -57,7 +65,12 @@ def loss_gradients(model, windows: torch.Tensor) -> list[torch.Tensor]:
             with torch.enable_grad():
                 emb = model.get_input_embeddings()(windows[w : w + 1]).detach().requires_grad_(True)
                 logits = model(inputs_embeds=emb, use_cache=False).logits[0, :-1].float()
-                loss = torch.nn.functional.cross_entropy(logits, windows[w, 1:], reduction="sum")
+                if labels == "model":
+                    probs = logits.detach().softmax(-1).cpu()
+                    target = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(logits.device)
+                else:
+                    target = windows[w, 1:]
+                loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
                 loss.backward()
             for i in range(len(layers)):
                 grads[i][w] = outs[i].grad[0].float().cpu()
