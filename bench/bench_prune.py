@@ -8,9 +8,9 @@ One JSON line per result (also in bench/results/prune.jsonl): WikiText-2 perplex
 first N windows of 2048 tokens, KL divergence and top-1 agreement against the float model, the
 sparsity, bytes on disk of the saved result (sparse storage: bitmask + kept values), and wall
 time. A pruner's configuration reports the pruned model and then, after the rebuild runs on it,
-the rebuilt one ("+barber": gradient from the first 4 calibration windows; a block's swaps are
-kept only if, on the next 2, the block's output MSE and the model's KL from the dense model both
-fall). The float model's log-probabilities are computed once and kept in
+the rebuilt one (the "+barber" stage at its defaults: gradient from the first 14 calibration
+windows; a block's swaps are kept only if, on the last 2, the block's output MSE and the model's
+KL from the dense model both fall). The float model's log-probabilities are computed once and kept in
 a scratch file (POCKETLM_REF_CACHE, default /tmp) that every configuration compares against.
 """
 from __future__ import annotations
@@ -27,7 +27,6 @@ PRUNERS = {f"{m}-{t}": (m, t) for t in ("50", "2of4") for m in ("magnitude", "wa
 LAYERS = {f"{how}-{p}{'' if how != 'random' else f'-s{s}'}": (how, p, s)
           for p in (10, 25) for how in ("shortgpt", "last", "random") for s in ((0, 1, 2) if how == "random" else (0,))}
 CONFIGS = [*PRUNERS, *LAYERS]
-BARBER_WINDOWS = 4  # the rebuild's forward/backward passes per block are its cost; 4 windows = 8k tokens
 
 
 def _target(t: str) -> dict:
@@ -64,7 +63,7 @@ def one(name: str, windows: int, calib_windows: int) -> None:
     calib = CalibrationConfig(windows=calib_windows, seq_len=2048)
     if name in PRUNERS:  # the pruned model is measured, then the rebuild runs on it and is measured
         method, t = PRUNERS[name]
-        stages = [{"method": method, **_target(t)}, {"method": "barber", "windows": BARBER_WINDOWS}]
+        stages = [{"method": method, **_target(t)}, {"method": "barber"}]
         res = pocketlm.compress(model, {"name": name, "stages": stages}, tokenizer=tok, calibration=calib,
                                 after_stage=lambda part: _measure(name, model, tok, part, cache, windows))
         _measure(f"{name}+barber", model, tok, res, cache, windows)
