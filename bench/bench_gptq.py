@@ -24,9 +24,9 @@ def gptq(bits, group, **extra):
                         **extra}]}
 
 
-def aptq(bpw, sensitivity="attention", **extra):
+def aptq(bpw, sensitivity="attention", groups=(128, 32), **extra):
     return {"stages": [{"method": "aptq", "bpw": bpw, "sensitivity": sensitivity, "damp": DAMP,
-                        "group_sizes": [128, 32], **extra}]}
+                        "group_sizes": list(groups), **extra}]}
 
 
 CONFIGS = {
@@ -43,6 +43,8 @@ CONFIGS = {
     "aptq-4.0": aptq(4.0),
     "aptq-4.5": aptq(4.5),
     "aptq-3.0-clip": aptq(3.0, clip=True),
+    "aptq-3.0-clip-allgroups": aptq(3.0, groups=(-1, 128, 64, 32), clip=True),
+    "aptq-3.0-clip-allgroups-kl": aptq(3.0, groups=(-1, 128, 64, 32), clip=True, target="kl"),
     "aptq-3.5-clip": aptq(3.5, clip=True),
     "aptq-4.0-clip": aptq(4.0, clip=True),
     "aptq-4.5-clip": aptq(4.5, clip=True),
