@@ -141,6 +141,26 @@ def test_barber_model_judge_rejection_restores_mask_and_weights(monkeypatch):
             assert torch.equal(lin.weight, _layer_linears(ref)[name].weight), name
 
 
+def test_barber_resolve_changes_only_the_rows_whose_mask_changed():
+    """The re-solve after a swap (SparseGPT's sweep for the new mask) touches exactly the rows
+    with a swap; every other row keeps the pruner's weights bit for bit (magnitude masks: the
+    tiny model's SparseGPT masks leave nothing to swap)."""
+    win = _windows(n=6)
+    stage = {"method": "magnitude", "sparsity": 0.5}
+    ref, m = make_tiny(layers=2), make_tiny(layers=2)
+    before = compress(ref, {"stages": [stage]}, calibration=win)
+    res = compress(m, {"stages": [stage, {"method": "barber", "alpha": 0.5, "granularity": "layer", "windows": 4,
+                                          "resolve": True, "judge": "block"}]}, calibration=win)
+    assert res.stages[1]["swapped"] > 0
+    old = _layer_linears(ref)
+    for name, lin in _layer_linears(m).items():
+        keep, changed = res.context.masks[name], (res.context.masks[name] != before.context.masks[name]).any(1)
+        assert torch.equal(lin.weight[~changed], old[name].weight[~changed]), name
+        assert (lin.weight[~keep] == 0).all(), name
+        if changed.any():
+            assert not torch.equal(lin.weight[changed], old[name].weight[changed]), name
+
+
 def test_rebuild_swaps_keep_counts_and_patterns():
     g = torch.Generator().manual_seed(3)
     score = torch.rand(32, 64, generator=g)

@@ -229,8 +229,8 @@ class BarberProcessor(LayerProcessor):
 
     def _apply(self, local, full, old_w, old_k, new, hessians=None) -> None:
         """Kept weights keep their current values, regrown ones get their dense values; with
-        ``hessians`` (a pruner that reconstructs, SparseGPT) a changed mask's weights are solved
-        again from the dense ones, as SparseGPT solves them for its own mask."""
+        ``hessians`` (a pruner that reconstructs, SparseGPT) the rows whose mask changed are
+        solved again from the dense weights, as SparseGPT solves them for its own mask."""
         from .sparsegpt import sparsegpt
 
         for n, lin in local.items():
@@ -240,7 +240,9 @@ class BarberProcessor(LayerProcessor):
                 if hessians is not None and not torch.equal(new[n], old_k[n]):
                     solved, _ = sparsegpt(self.ctx.dense[full[n]].to(w), hessians.hessian(n), None, percdamp=self.damp,
                                           keep=nk)
-                    w.copy_(solved.to(w))
+                    # each row's solve depends only on its own mask: rows without a swap keep their weights
+                    changed = (nk != old_k[n].to(w.device)).any(dim=1, keepdim=True)
+                    w.copy_(torch.where(changed, solved.to(w), old_w[n]))
                 elif hessians is not None:
                     w.copy_(old_w[n])
                 else:
