@@ -13,6 +13,7 @@ Every linear's cost is then in one unit, the squared error at its decoder layer'
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -29,7 +30,8 @@ class Curvature:
         return float((((dW @ self.A) * dW).sum(1) * self.v).sum())
 
 
-def loss_gradients(model, windows: torch.Tensor, labels: str = "data", seed: int = 0) -> list[torch.Tensor]:
+def loss_gradients(model, windows: torch.Tensor, labels: Literal["data", "model"] = "data",
+                   seed: int = 0) -> list[torch.Tensor]:
     """Gradient of the next-token loss with respect to every decoder layer's output, for each
     window: a list over layers of (n, L, hidden) tensors. Weighting a layer's output error with
     it (instead of a random r) puts every layer's cost in the unit of the model's loss.
@@ -37,9 +39,12 @@ def loss_gradients(model, windows: torch.Tensor, labels: str = "data", seed: int
     ``labels="data"``: the text's next tokens (empirical Fisher, follows the loss on text like
     the calibration's). ``labels="model"``: one next token per position drawn from the model's
     own distribution (seeded), so E[g g^T] is the true Fisher, the Hessian of the KL divergence
-    from the unquantized model: a cost in this unit estimates twice the KL a change causes."""
+    from the unquantized model: for a small change d of a layer's output, sum over tokens of
+    (g . d)^2 estimates twice the KL it causes."""
     from ..models import ModelAdapter
 
+    if labels not in ("data", "model"):
+        raise ValueError(f"labels must be 'data' or 'model', not {labels!r}")
     layers = ModelAdapter(model).layers
     dev = next(model.parameters()).device
     windows = windows.to(dev)
@@ -53,8 +58,6 @@ def loss_gradients(model, windows: torch.Tensor, labels: str = "data", seed: int
         return f
 
     grads = [torch.empty(windows.shape[0], windows.shape[1], model.config.hidden_size) for _ in layers]
-    if labels not in ("data", "model"):
-        raise ValueError(f"labels must be 'data' or 'model', not {labels!r}")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     handles = [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
     was = [p.requires_grad for p in model.parameters()]
