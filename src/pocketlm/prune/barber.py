@@ -238,11 +238,12 @@ class BarberProcessor(LayerProcessor):
             nk = new[n].to(w.device)
             with torch.no_grad():
                 if hessians is not None and not torch.equal(new[n], old_k[n]):
-                    solved, _ = sparsegpt(self.ctx.dense[full[n]].to(w), hessians.hessian(n), None, percdamp=self.damp,
-                                          keep=nk)
-                    # each row's solve depends only on its own mask: rows without a swap keep their weights
-                    changed = (nk != old_k[n].to(w.device)).any(dim=1, keepdim=True)
-                    w.copy_(torch.where(changed, solved.to(w), old_w[n]))
+                    # each row's solve depends only on its own mask: only the rows with a swap are solved
+                    rows = (nk != old_k[n].to(w.device)).any(dim=1)
+                    solved, _ = sparsegpt(self.ctx.dense[full[n]].to(w)[rows], hessians.hessian(n), None,
+                                          percdamp=self.damp, keep=nk[rows])
+                    w.copy_(old_w[n])
+                    w[rows] = solved.to(w)
                 elif hessians is not None:
                     w.copy_(old_w[n])
                 else:
