@@ -72,7 +72,8 @@ def one(name: str, windows: int, calib_windows: int) -> None:
           "bpw_quantized": res.context.size_report()["bpw_quantized"], "ppl": round(r.ppl, 4),
           "base_ppl": round(r.ref_ppl, 4), "kl": round(r.kl, 5), "top1": round(r.top1, 4), "windows": r.windows,
           "seq_len": r.seq_len, "tokens": r.tokens_scored, "dtype": r.dtype, "compress_s": round(compress_s, 1),
-          "plan": st.get("plan_histogram")})
+          "plan": st.get("plan_histogram"), "window_nll": [round(x, 5) for x in r.window_nll],
+          "window_kl": [round(x, 5) for x in r.window_kl]})
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Print a benchmark's results (bench/results/NAME.jsonl) as the Markdown table the README quotes.
+"""Print a benchmark's results (bench/results/NAME.jsonl) as the Markdown table the README quotes,
+or compare two of its configurations window by window.
 
     python bench/table.py prune
+    python bench/table.py gptq --paired A B    # B minus A: mean per-window NLL and KL, with standard errors
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -39,5 +42,26 @@ def main(name: str) -> None:
         print("| " + " | ".join(cell(k, r.get(k)) for k, _ in cols) + " |")
 
 
+def paired(name: str, a: str, b: str) -> None:
+    """Difference B - A over the same evaluation windows: the mean of the per-window differences
+    and its standard error (sd / sqrt(n)), for the token NLL (log of the perplexity ratio) and
+    the KL. Windows, not tokens, are the samples: tokens within a window are correlated."""
+    rows = {r["config"]: r for r in map(json.loads, (RESULTS / f"{name}.jsonl").read_text().splitlines()) if r}
+    for key in ("window_nll", "window_kl"):
+        x, y = rows[a].get(key), rows[b].get(key)
+        if not x or not y or len(x) != len(y):
+            raise SystemExit(f"{key}: both configurations need per-window values over the same windows (rerun them)")
+        d = [v - u for u, v in zip(x, y)]
+        n = len(d)
+        mean = sum(d) / n
+        se = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+        print(json.dumps({"paired": key, "a": a, "b": b, "windows": n, "mean_diff": round(mean, 5),
+                          "se": round(se, 5), "t": round(mean / se, 2) if se else None,
+                          "b_below_a_in_windows": sum(v < 0 for v in d)}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if len(sys.argv) == 5 and sys.argv[2] == "--paired":
+        paired(sys.argv[1], sys.argv[3], sys.argv[4])
+    else:
+        main(sys.argv[1])

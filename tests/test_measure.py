@@ -22,6 +22,10 @@ def test_perplexity_equals_a_hand_computation():
                 count += 1
     assert res.tokens_scored == count == 3 * 49
     assert math.isclose(res.ppl, math.exp(total / count), rel_tol=1e-5)
+    # each window's own mean NLL: the first window alone scores the same as the first window's entry
+    first = evaluate_windows(model, windows[:1], chunk=16)
+    assert len(res.window_nll) == 3 and math.isclose(res.window_nll[0], first.nll, rel_tol=1e-6)
+    assert math.isclose(sum(res.window_nll) / 3, res.nll, rel_tol=1e-6)
 
 
 def test_kl_against_itself_is_zero_and_against_a_perturbed_copy_positive():
@@ -35,6 +39,7 @@ def test_kl_against_itself_is_zero_and_against_a_perturbed_copy_positive():
         other.model.layers[0].mlp.up_proj.weight.mul_(3.0)
     diff = evaluate_windows(model, windows, reference=other)
     assert diff.kl > 1e-4 and diff.top1 < 1.0
+    assert len(diff.window_kl) == 2 and math.isclose(sum(diff.window_kl) / 2, diff.kl, rel_tol=1e-6)
     assert math.isclose(diff.ppl, same.ppl, rel_tol=1e-6)  # the evaluated model did not change
 
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,10 @@ class EvalResult:
     ref_ppl: float | None = None
     kl: float | None = None
     top1: float | None = None
+    #: mean token NLL (and KL, with a reference) of each window, in order: a paired comparison of
+    #: two models on the same windows gets its standard error from these
+    window_nll: list[float] = field(default_factory=list)
+    window_kl: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,10 +140,12 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str =
     nll = ref_nll = kl = 0.0
     agree = count = 0
     n, seq_len = windows.shape
+    per_nll, per_kl = [], []
     with progress.bar("evaluating", n) as advance:
         for i, w in enumerate(windows):
             targets = w[1:]
             at = 0
+            nll0, kl0, count0 = nll, kl, count
             ref_chunks = ref.window(i, w, chunk) if ref is not None else None
             for lp in scorer.window(i, w, chunk):
                 tgt = targets[at : at + lp.shape[0]]
@@ -151,14 +157,17 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str =
                     kl += kl_sum(lp_ref, lp)
                     agree += (lp_ref.argmax(-1) == lp.argmax(-1)).sum().item()
                 count += tgt.numel()
+            per_nll.append((nll - nll0) / (count - count0))
+            per_kl.append((kl - kl0) / (count - count0))
             advance()
     res = EvalResult(corpus=corpus, windows=n, seq_len=seq_len, stride=seq_len, tokens_scored=count,
                      dtype=scorer.dtype, ppl=math.exp(nll / count), nll=nll / count,
-                     seconds=time.perf_counter() - t0)
+                     seconds=time.perf_counter() - t0, window_nll=per_nll)
     if reference is not None:
         res.ref_ppl = math.exp(ref_nll / count)
         res.kl = kl / count
         res.top1 = agree / count
+        res.window_kl = per_kl
     return res
 
 
