@@ -46,7 +46,8 @@ def paired(name: str, a: str, b: str) -> None:
     """Difference B - A over the same evaluation windows: the mean of the per-window differences
     and its standard error (sd / sqrt(n)), for the token NLL (log of the perplexity ratio) and
     the KL. Windows, not tokens, are the samples: tokens within a window are correlated."""
-    rows = {r["config"]: r for r in map(json.loads, (RESULTS / f"{name}.jsonl").read_text().splitlines()) if r}
+    lines = (RESULTS / f"{name}.jsonl").read_text().splitlines()
+    rows = {r["config"]: r for r in (json.loads(line) for line in lines if line.strip())}
     for key in ("window_nll", "window_kl"):
         x, y = rows[a].get(key), rows[b].get(key)
         if not x or not y or len(x) != len(y):
