@@ -46,7 +46,8 @@ def _measure(name, model, tok, res, cache, windows) -> None:
           "params": sum(p.numel() for p in model.parameters()), "bytes_on_disk": on_disk,
           "ppl": round(r.ppl, 4), "base_ppl": round(r.ref_ppl, 4), "kl": round(r.kl, 5), "top1": round(r.top1, 4),
           "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens_scored, "dtype": r.dtype,
-          "compress_s": round(res.seconds, 1)})
+          "compress_s": round(res.seconds, 1), "window_nll": [round(x, 5) for x in r.window_nll],
+          "window_kl": [round(x, 5) for x in r.window_kl]})
 
 
 def one(name: str, windows: int, calib_windows: int) -> None:
