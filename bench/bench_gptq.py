@@ -48,6 +48,8 @@ CONFIGS = {
     "aptq-3.0-clip-allgroups-kl": aptq(3.0, groups=(-1, 128, 64, 32), clip=True, target="kl"),
     "aptq-3.0-clip-allgroups-g16": aptq(3.0, groups=(-1, 128, 64, 32), clip=True, grad_windows=16),
     "aptq-3.0-clip-allgroups-kl-g16": aptq(3.0, groups=(-1, 128, 64, 32), clip=True, target="kl", grad_windows=16),
+    # the bpw of GPTQ w3-g128 on this model (3.160807): mixed against uniform at equal size
+    "aptq-3.16-clip-allgroups-g16": aptq(3.16, groups=(-1, 128, 64, 32), clip=True, grad_windows=16),
     "aptq-3.5-clip": aptq(3.5, clip=True),
     "aptq-4.0-clip": aptq(4.0, clip=True),
     "aptq-4.5-clip": aptq(4.5, clip=True),
