@@ -48,6 +48,9 @@ def paired(name: str, a: str, b: str) -> None:
     the KL. Windows, not tokens, are the samples: tokens within a window are correlated."""
     lines = (RESULTS / f"{name}.jsonl").read_text().splitlines()
     rows = {r["config"]: r for r in (json.loads(line) for line in lines if line.strip())}
+    for c in (a, b):
+        if c not in rows:
+            raise SystemExit(f"no configuration {c!r} in {name}.jsonl; run it with bench_{name}.py --only {c}")
     for key in ("window_nll", "window_kl"):
         x, y = rows[a].get(key), rows[b].get(key)
         if not x or not y or len(x) != len(y):
