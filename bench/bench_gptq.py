@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calibrated_main, emit  # noqa: E402
+from common import calibrated_main, emit, eval_fields  # noqa: E402
 
 DAMP = 0.1
 
@@ -71,11 +71,8 @@ def one(name: str, windows: int, calib_windows: int) -> None:
     st = res.stages[0]
     emit({"bench": "gptq", "config": name, "model": "smollm2-135m", "recipe": CONFIGS[name],
           "calib_windows": calib_windows if res.recipe.needs_calibration else 0, "calib_len": 2048,
-          "bpw_quantized": res.context.size_report()["bpw_quantized"], "ppl": round(r.ppl, 4),
-          "base_ppl": round(r.ref_ppl, 4), "kl": round(r.kl, 5), "top1": round(r.top1, 4), "windows": r.windows,
-          "seq_len": r.seq_len, "tokens": r.tokens_scored, "dtype": r.dtype, "compress_s": round(compress_s, 1),
-          "plan": st.get("plan_histogram"), "window_nll": [round(x, 5) for x in r.window_nll],
-          "window_kl": [round(x, 5) for x in r.window_kl]})
+          "bpw_quantized": res.context.size_report()["bpw_quantized"], **eval_fields(r),
+          "compress_s": round(compress_s, 1), "plan": st.get("plan_histogram")})
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calibrated_main, emit  # noqa: E402
+from common import calibrated_main, emit, eval_fields  # noqa: E402
 
 PRUNERS = {f"{m}-{t}": (m, t) for t in ("50", "2of4") for m in ("magnitude", "wanda", "sparsegpt")}
 LAYERS = {f"{how}-{p}{'' if how != 'random' else f'-s{s}'}": (how, p, s)
@@ -44,10 +44,7 @@ def _measure(name, model, tok, res, cache, windows) -> None:
     emit({"bench": "prune", "config": name, "model": "smollm2-135m", "stages": res.stages,
           "sparsity": size["sparsity"], "layers": model.config.num_hidden_layers,
           "params": sum(p.numel() for p in model.parameters()), "bytes_on_disk": on_disk,
-          "ppl": round(r.ppl, 4), "base_ppl": round(r.ref_ppl, 4), "kl": round(r.kl, 5), "top1": round(r.top1, 4),
-          "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens_scored, "dtype": r.dtype,
-          "compress_s": round(res.seconds, 1), "window_nll": [round(x, 5) for x in r.window_nll],
-          "window_kl": [round(x, 5) for x in r.window_kl]})
+          **eval_fields(r), "compress_s": round(res.seconds, 1)})
 
 
 def one(name: str, windows: int, calib_windows: int) -> None:

@@ -62,6 +62,14 @@ def _replace_line(out: Path, cfg: str, line: str) -> None:
     tmp.replace(out)
 
 
+def eval_fields(r) -> dict:
+    """The JSON fields of an evaluation against the float model (pocketlm's EvalResult), with
+    each window's NLL and KL for ``bench/table.py --paired``."""
+    return {"ppl": round(r.ppl, 4), "base_ppl": round(r.ref_ppl, 4), "kl": round(r.kl, 5), "top1": round(r.top1, 4),
+            "windows": r.windows, "seq_len": r.seq_len, "tokens": r.tokens_scored, "dtype": r.dtype,
+            "window_nll": [round(x, 5) for x in r.window_nll], "window_kl": [round(x, 5) for x in r.window_kl]}
+
+
 def emit(record: dict) -> str:
     """Print one result as a JSON line (with peak RSS, threads and date) and return the line."""
     record["peak_rss_mib"] = round(peak_rss_mib(), 1)
