@@ -99,21 +99,24 @@ def nm_of(keep: torch.Tensor, m_candidates=(4, 8, 16)) -> int | None:
 class BarberProcessor(LayerProcessor):
     """Rebuilds the masks of each layer's blocks from the layer's (sequential) inputs.
 
-    Safeguards (not in the paper): a rebuild is kept only if it lowers the block's output MSE
-    on ``held_out`` calibration windows (windows the gradient never saw; without
-    any, on the gradient's own windows); otherwise alpha is halved and the swap retried, and
-    after ``tries`` attempts the block keeps its mask. With a ``judge`` (``ModelJudge`` on the
-    held-out windows), the swaps that pass must also lower the model's output KL from the dense
-    model, measured through the rest of the model, or the block keeps its mask."""
+    Safeguards (not in the paper): the swap is tried at alpha times each of ``scales`` and the
+    block keeps the one with the lowest output MSE on ``held_out`` calibration windows (windows
+    the gradient never saw; without any, on the gradient's own windows), if that is below its
+    mask's; otherwise it keeps its mask. With a ``judge`` (``ModelJudge`` on the held-out
+    windows), that swap must also lower the model's output KL from the dense model, measured
+    through the rest of the model, by more than the judge's noise margin, or the block keeps
+    its mask."""
 
-    def __init__(self, ctx, alpha: float, granularity: str, windows: int, tries: int = 4, held_out: int = 0,
+    def __init__(self, ctx, alpha: float, granularity: str, windows: int, scales=(1.0,), held_out: int = 0,
                  resolve: bool = False, damp: float = 0.01, judge: ModelJudge | None = None):
-        self.ctx, self.alpha, self.granularity, self.windows, self.tries = ctx, alpha, granularity, windows, tries
+        self.ctx, self.alpha, self.granularity, self.windows, self.scales = ctx, alpha, granularity, windows, scales
         self.held_out, self.resolve, self.damp, self.judge = held_out, resolve, damp, judge
         self.adapter = ModelAdapter(ctx.model)
         self.swapped: dict[str, int] = {}
         self.mse: dict[str, tuple[float, float]] = {}  # block -> (before, after) on calibration inputs
         self.kl: list[float] = []  # the judge's model KL: at the start, then after each accepted block
+        self.current = None  # the judge's per-chunk KL of the model as it stands
+        self.alphas: list[float] = []  # the alpha each rebuilt block kept
         self.rejected = 0  # blocks whose MSE-passing swaps the judge turned down
 
     def process(self, layer: LayerView) -> None:
@@ -124,8 +127,9 @@ class BarberProcessor(LayerProcessor):
         confirm = None
         if self.judge is not None:
             confirm = lambda: self._confirm(layer, judged)  # noqa: E731
-            if not self.kl:
-                self.kl.append(self.judge.kl(layer.index, judged, layer.kwargs))
+            if self.current is None:
+                self.current = self.judge.kl(layer.index, judged, layer.kwargs)
+                self.kl.append(self.judge.mean(self.current))
         for kind, norm, block in self.adapter.blocks(layer.module):
             prefix = _name_of(layer, block)
             local = {n: m for n, m in block.named_modules() if f"{prefix}.{n}" in self.ctx.masks}
@@ -140,11 +144,12 @@ class BarberProcessor(LayerProcessor):
                     x_in = [x.to(layer.device) + _call(block, f, layer.kwargs, kind) for x, f in zip(x_in, feats)]
 
     def _confirm(self, layer: LayerView, inputs: list[torch.Tensor]) -> bool:
-        """Does the layer's current state lower the model's KL from the dense model? (``process``
-        measured the starting KL before the first swap.)"""
+        """Does the layer's current state lower the model's KL from the dense model, beyond the
+        judge's margin? (``process`` measured the starting KL before the first swap.)"""
         kl = self.judge.kl(layer.index, inputs, layer.kwargs)
-        if kl < self.kl[-1]:
-            self.kl.append(kl)
+        if self.judge.better(kl, self.current):
+            self.current = kl
+            self.kl.append(self.judge.mean(kl))
             return True
         self.rejected += 1
         return False
@@ -186,22 +191,22 @@ class BarberProcessor(LayerProcessor):
         # current value (which a pruner like SparseGPT has updated)
         scores = {n: torch.where(old_k[n], old_w[n].cpu(), self.ctx.dense[full[n]]).float().abs()
                   * (g2[n].cpu() / len(feats)).sqrt() for n in local}
-        best, alpha = before, self.alpha
-        for _ in range(self.tries):
-            new = self._new_masks(scores, old_k, alpha)
-            self._apply(local, full, old_w, old_k, new, hessians)
+        best, new, alpha = before, None, None
+        for scale in self.scales:  # each candidate starts from the pruner's mask
+            cand = self._new_masks(scores, old_k, min(1.0, self.alpha * scale))
+            self._apply(local, full, old_w, old_k, cand, hessians)
             mse = _block_mse(block, held, targets, kwargs, kind)
-            if mse < before:
-                best = mse
-                break
-            alpha /= 2
-        else:
-            new = None
-        if new is not None and confirm is not None and not confirm():
-            new = None
+            if mse < best:
+                best, new, alpha = mse, cand, min(1.0, self.alpha * scale)
+        if new is not None:
+            self._apply(local, full, old_w, old_k, new, hessians)
+            if confirm is not None and not confirm():
+                new = None
         if new is None:
             new, best = old_k, before
             self._apply(local, full, old_w, old_k, new)
+        else:
+            self.alphas.append(alpha)
         self.mse[prefix] = (before, best)
         for n in local:
             self.swapped[full[n]] = int((new[n] & ~old_k[n]).sum())
@@ -304,7 +309,9 @@ class Barber(Stage):
                           "N:M masks always swap within groups)")
     windows: int | None = Field(None, ge=1, description="calibration windows for the gradient (default: all but "
                                                         "the held-out ones)")
-    tries: int = Field(4, ge=1, description="halve alpha until the block's output MSE falls, at most this often")
+    scales: list[float] = Field([4.0, 2.0, 1.0, 0.5, 0.25], min_length=1, description=(
+        "alpha times each of these is tried; a block keeps the swap with the lowest output MSE on the held-out "
+        "windows, if below its mask's ([1.0]: alpha alone, as the paper)"))
     resolve: bool | None = Field(None, description="solve a changed mask's weights again (SparseGPT's column sweep "
                                                    "from the dense weights); default: when SparseGPT pruned")
     damp: float = Field(0.01, gt=0, description="damping of that solve, as a fraction of mean(diag H)")
@@ -314,6 +321,8 @@ class Barber(Stage):
         "model", description="what a block's swaps must lower on those windows: the block's output MSE only, or "
                              "also the model's output KL from the dense model (one pass through the rest of the "
                              "model per block)")
+    margin: float = Field(2.0, ge=0, description="model judge: the KL must fall by at least this many standard "
+                                                 "errors of its paired per-chunk change (0: any decrease)")
 
     needs_calibration = True
     needs_dense_weights: ClassVar[bool] = True
@@ -334,14 +343,15 @@ class Barber(Stage):
         judge = None
         if self.judge == "model":
             ids = windows[n_grad : n_grad + held] if held else windows[:n_grad]
-            judge = ModelJudge(ctx.model, ids, {n: ctx.dense[n] for n in ctx.masks})
-        proc = BarberProcessor(ctx, alpha, gran, n_grad, self.tries, held, resolve, self.damp, judge)
+            judge = ModelJudge(ctx.model, ids, {n: ctx.dense[n] for n in ctx.masks}, margin=self.margin)
+        proc = BarberProcessor(ctx, alpha, gran, n_grad, tuple(self.scales), held, resolve, self.damp, judge)
         run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="barber")
         before = sum(b for b, _ in proc.mse.values())
         after = sum(a for _, a in proc.mse.values())
         model = {} if judge is None else {"model_kl_before": proc.kl[0], "model_kl_after": proc.kl[-1],
-                                          "blocks_rejected_by_model": proc.rejected}
-        return {**model, "judge": self.judge, "alpha": alpha, "granularity": gran,
+                                          "blocks_rejected_by_model": proc.rejected, "margin": self.margin}
+        return {**model, "judge": self.judge, "alpha": alpha, "scales": list(self.scales),
+                "alphas_kept": {str(a): proc.alphas.count(a) for a in sorted(set(proc.alphas))}, "granularity": gran,
                 "swapped": sum(proc.swapped.values()), "gradient_windows": n_grad,
                 "held_out_windows": held, "blocks_rebuilt": sum(a < b for b, a in proc.mse.values()),
                 "blocks": len(proc.mse), "resolve": resolve,

@@ -4,7 +4,9 @@ layer's inputs onward (the layers before it are already final, so their outputs 
 
 A block-local objective (the block's output MSE) can fall while the model's output gets worse:
 later layers and the head weigh errors unevenly. ``ModelJudge`` lets a rebuild keep a block's
-swaps only if the model's output moves toward the dense model's."""
+swaps only if the model's output moves toward the dense model's, by more than the noise of the
+held-out windows: ``better`` compares two measurements chunk by chunk (paired) and asks for a
+mean decrease of at least ``margin`` standard errors."""
 from __future__ import annotations
 
 import torch
@@ -14,10 +16,13 @@ from ..models import ModelAdapter
 
 
 class ModelJudge:
-    def __init__(self, model, windows: torch.Tensor, dense: dict[str, torch.Tensor], chunk: int = 512):
+    def __init__(self, model, windows: torch.Tensor, dense: dict[str, torch.Tensor], pieces: int = 8,
+                 margin: float = 2.0):
         """``windows`` (n, L) token ids; ``dense`` the weights before pruning, by linear name
-        (swapped in for one forward pass to get the reference log-probabilities)."""
-        self.adapter, self.chunk = ModelAdapter(model), chunk
+        (swapped in for one forward pass to get the reference log-probabilities); KL is kept per
+        chunk of L / ``pieces`` consecutive tokens, the unit of the paired comparison."""
+        chunk = max(1, -(-windows.shape[1] // pieces))
+        self.adapter, self.chunk, self.margin = ModelAdapter(model), chunk, margin
         self.ref = []
         saved = {}
         with torch.no_grad():
@@ -34,19 +39,31 @@ class ModelJudge:
                 for name, w in saved.items():
                     model.get_submodule(name).weight.copy_(w)
 
-    def kl(self, start: int, inputs: list[torch.Tensor], kwargs: dict) -> float:
-        """Mean KL(dense || model) per token, from decoder layer ``start``'s ``inputs`` (one per
-        held-out window, in the order the windows were given)."""
-        total, count = 0.0, 0
+    def kl(self, start: int, inputs: list[torch.Tensor], kwargs: dict) -> torch.Tensor:
+        """Mean KL(dense || model) per token of each chunk, from decoder layer ``start``'s
+        ``inputs`` (one per held-out window, in the order the windows were given)."""
+        out, counts = [], []
         with torch.no_grad():
             for x, ref in zip(inputs, self.ref):
                 h = x
                 for layer in self.adapter.layers[start:]:
-                    out = layer(h.to(next(layer.parameters()).device), **kwargs)
-                    h = out[0] if isinstance(out, tuple) else out
+                    o = layer(h.to(next(layer.parameters()).device), **kwargs)
+                    h = o[0] if isinstance(o, tuple) else o
                 h = self.adapter.norm(h)[0]
                 for c, r in zip(range(0, h.shape[0], self.chunk), ref):
                     lp = logprobs(self.adapter.head, h[c : c + self.chunk])
-                    total += kl_sum(r, lp)
-                    count += lp.shape[0]
-        return total / count
+                    out.append(kl_sum(r, lp) / lp.shape[0])
+                    counts.append(lp.shape[0])
+        self.counts = torch.tensor(counts, dtype=torch.float64)
+        return torch.tensor(out, dtype=torch.float64)
+
+    def mean(self, chunks: torch.Tensor) -> float:
+        """The per-token mean KL of a ``kl`` result."""
+        return float((chunks * self.counts).sum() / self.counts.sum())
+
+    def better(self, new: torch.Tensor, old: torch.Tensor) -> bool:
+        """Is ``new`` (per-chunk KL) lower than ``old`` by at least ``margin`` standard errors of
+        the paired chunk differences? (``margin`` 0: any decrease.)"""
+        d = new - old
+        se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else 0.0
+        return float(d.mean()) < -self.margin * se
