@@ -307,3 +307,21 @@ def test_sparsegpt_solve_for_a_given_mask():
     assert torch.equal(k2, other) and bool((Wo[~other] == 0).all())
     err = lambda V: float(((X @ (W - V).T) ** 2).mean())  # noqa: E731
     assert err(Wo) < 0.9 * err(W * other)
+
+
+def test_barber_scale_ladder_keeps_the_lowest_held_out_mse():
+    """One pruned block, the same inputs: trying alpha at several scales ends below the held-out
+    MSE of alpha alone (one of the candidates) and keeps the scale with the lowest MSE (on this
+    block more swaps help: 0.2 beats 0.1, 0.05 and 0.025)."""
+    win = _windows(n=6)
+    prune = {"method": "magnitude", "sparsity": 0.5, "targets": ["*.layers.0.self_attn.*"]}
+    reps = {}
+    for scales in ([1.0], [2.0, 4.0, 0.5, 1.0]):
+        m = make_tiny(layers=1)
+        reps[len(scales)] = compress(m, {"stages": [prune, {"method": "barber", "alpha": 0.05, "granularity": "block",
+                                                            "judge": "block", "scales": scales}]},
+                                     calibration=win).stages[1]
+    one, ladder = reps[1], reps[4]
+    assert one["blocks"] == ladder["blocks"] == 1 and one["block_mse_before"] == ladder["block_mse_before"]
+    assert one["block_mse_after"] < one["block_mse_before"] and one["alphas_kept"] == {"0.05": 1}
+    assert ladder["block_mse_after"] < one["block_mse_after"] and ladder["alphas_kept"] == {"0.2": 1}

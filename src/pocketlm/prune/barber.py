@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, PositiveFloat
 from torch.func import functional_call
 
 from ..calibrate import LayerProcessor, LayerView, run_layerwise
@@ -309,7 +309,7 @@ class Barber(Stage):
                           "N:M masks always swap within groups)")
     windows: int | None = Field(None, ge=1, description="calibration windows for the gradient (default: all but "
                                                         "the held-out ones)")
-    scales: list[float] = Field([4.0, 2.0, 1.0, 0.5, 0.25], min_length=1, description=(
+    scales: list[PositiveFloat] = Field([4.0, 2.0, 1.0, 0.5, 0.25], min_length=1, description=(
         "alpha times each of these is tried; a block keeps the swap with the lowest output MSE on the held-out "
         "windows, if below its mask's ([1.0]: alpha alone, as the paper)"))
     resolve: bool | None = Field(None, description="solve a changed mask's weights again (SparseGPT's column sweep "
