@@ -9,8 +9,9 @@ first N windows of 2048 tokens, KL divergence and top-1 agreement against the fl
 sparsity, bytes on disk of the saved result (sparse storage: bitmask + kept values), and wall
 time. A pruner's configuration reports the pruned model and then, after the rebuild runs on it,
 the rebuilt one (the "+barber" stage at its defaults: gradient from the first 14 calibration
-windows; a block's swaps are kept only if, on the last 2, the block's output MSE and the model's
-KL from the dense model both fall). The float model's log-probabilities are computed once and kept in
+windows; each block's swap tried at alpha x 4, 2, 1, 1/2, 1/4, the one with the lowest output MSE
+on the last 2 windows kept only if it lowers that MSE and lowers the model's KL from the dense
+model there by more than 2 standard errors). The float model's log-probabilities are computed once and kept in
 a scratch file (POCKETLM_REF_CACHE, default /tmp) that every configuration compares against.
 """
 from __future__ import annotations
