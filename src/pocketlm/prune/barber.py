@@ -191,20 +191,21 @@ class BarberProcessor(LayerProcessor):
         # current value (which a pruner like SparseGPT has updated)
         scores = {n: torch.where(old_k[n], old_w[n].cpu(), self.ctx.dense[full[n]]).float().abs()
                   * (g2[n].cpu() / len(feats)).sqrt() for n in local}
-        best, new, alpha = before, None, None
+        best, new, new_w, alpha = before, None, None, None
         for scale in self.scales:  # each candidate starts from the pruner's mask
             cand = self._new_masks(scores, old_k, min(1.0, self.alpha * scale))
             self._apply(local, full, old_w, old_k, cand, hessians)
             mse = _block_mse(block, held, targets, kwargs, kind)
-            if mse < best:
+            if mse < best:  # keep its weights: no second solve when it wins
                 best, new, alpha = mse, cand, min(1.0, self.alpha * scale)
+                new_w = {n: m.weight.detach().clone() for n, m in local.items()}
         if new is not None:
-            self._apply(local, full, old_w, old_k, new, hessians)
+            _set(local, full, self.ctx.masks, new_w, new)
             if confirm is not None and not confirm():
                 new = None
         if new is None:
             new, best = old_k, before
-            self._apply(local, full, old_w, old_k, new)
+            _set(local, full, self.ctx.masks, old_w, old_k)
         else:
             self.alphas.append(alpha)
         self.mse[prefix] = (before, best)
@@ -256,6 +257,14 @@ class BarberProcessor(LayerProcessor):
                     w.copy_(torch.where(stay, old_w[n],
                                         torch.where(nk, self.ctx.dense[full[n]].to(w), torch.zeros_like(w))))
             self.ctx.masks[full[n]] = new[n]
+
+
+def _set(local, full, masks, weights, keeps) -> None:
+    """Put back a state of the block's linears: their weights and masks."""
+    with torch.no_grad():
+        for n, lin in local.items():
+            lin.weight.copy_(weights[n])
+            masks[full[n]] = keeps[n]
 
 
 class _HessianHooks:

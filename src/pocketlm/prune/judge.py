@@ -38,11 +38,13 @@ class ModelJudge:
             finally:
                 for name, w in saved.items():
                     model.get_submodule(name).weight.copy_(w)
+        #: tokens per chunk, in the order ``kl`` returns them
+        self.counts = torch.tensor([r.shape[0] for ref in self.ref for r in ref], dtype=torch.float64)
 
     def kl(self, start: int, inputs: list[torch.Tensor], kwargs: dict) -> torch.Tensor:
         """Mean KL(dense || model) per token of each chunk, from decoder layer ``start``'s
         ``inputs`` (one per held-out window, in the order the windows were given)."""
-        out, counts = [], []
+        out = []
         with torch.no_grad():
             for x, ref in zip(inputs, self.ref):
                 h = x
@@ -53,8 +55,6 @@ class ModelJudge:
                 for c, r in zip(range(0, h.shape[0], self.chunk), ref):
                     lp = logprobs(self.adapter.head, h[c : c + self.chunk])
                     out.append(kl_sum(r, lp) / lp.shape[0])
-                    counts.append(lp.shape[0])
-        self.counts = torch.tensor(counts, dtype=torch.float64)
         return torch.tensor(out, dtype=torch.float64)
 
     def mean(self, chunks: torch.Tensor) -> float:
