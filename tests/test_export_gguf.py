@@ -10,7 +10,8 @@ from gguf import GGUFReader
 from pocketlm import compress, models
 from pocketlm.errors import PocketError
 from pocketlm.export import gguf as G
-from pocketlm.export.ggml_blocks import FORMATS, unpack_codes
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize
 from tests.conftest import make_tiny
 
 
@@ -29,35 +30,36 @@ def test_f32_export_reloads_to_identical_logits(tmp_path, tokenizer):
         assert torch.equal(back(ids).logits, m(ids).logits)
 
 
-@pytest.mark.parametrize("fmt", ["gguf-q4_0", "gguf-q4_1", "gguf-q8_0", "gguf-q5_1"])
-def test_exported_codes_are_the_quantizers_codes(tmp_path, tokenizer, fmt):
+@pytest.mark.parametrize("fmt", ["gguf-q4_0", "gguf-q4_1", "gguf-q8_0", "gguf-q5_1", "gguf-iq4_nl"])
+def test_exported_bytes_are_the_quantizers_bytes(tmp_path, tokenizer, fmt):
     m = make_tiny(layers=1)
     windows = torch.randint(0, 49152, (2, 64), generator=torch.Generator().manual_seed(0))
     res = compress(m, {"stages": [{"method": "gptq", "format": fmt}]}, calibration=windows)
     types = G.write(m, tokenizer, tmp_path / "q.gguf", res.context.quant)
-    block = FORMATS[fmt.removeprefix("gguf-").upper()]
+    want_type = fmt.removeprefix("gguf-").upper()
     tensors = _gguf_tensors(tmp_path / "q.gguf")
     n_head, n_kv = m.config.num_attention_heads, m.config.num_key_value_heads
     for name, rec in res.context.quant.items():
         gname = name.replace("model.layers.", "blk.").replace("self_attn.q_proj", "attn_q") \
             .replace("self_attn.k_proj", "attn_k").replace("self_attn.v_proj", "attn_v") \
             .replace("self_attn.o_proj", "attn_output").replace("mlp.", "ffn_").replace("_proj", "") + ".weight"
-        assert types[gname] == block.name
-        t = tensors[gname]
-        codes = torch.from_numpy(unpack_codes(np.asarray(t.data), rec.shape[1], block))
+        assert types[gname] == want_type
+        stored = torch.from_numpy(np.asarray(tensors[gname].data).copy())
         heads = n_head if name.endswith("q_proj") else n_kv if name.endswith("k_proj") else None
+        mine = torch.from_numpy(rec.weight.data.copy())
+        weight = m.get_submodule(name).weight.detach()
         if heads:  # llama.cpp's row order for q/k
-            want = G._rope_permute(rec.to_quantized(m.get_submodule(name).weight).codes, heads)
-        else:
-            want = rec.to_quantized(m.get_submodule(name).weight).codes
-        assert torch.equal(codes.to(torch.uint8), want), name
+            mine, weight = G._rope_permute(mine, heads), G._rope_permute(weight, heads)
+        assert torch.equal(stored, mine), name
+        back = dequantize(np.asarray(tensors[gname].data), GGMLQuantizationType[want_type]).reshape(weight.shape)
+        assert np.array_equal(back, weight.numpy()), name  # the model holds exactly what the file stores
     assert types["blk.0.attn_norm.weight"] == "F32" and types["token_embd.weight"] == "F16"
 
 
 def test_linears_off_any_gguf_grid_are_refused(tmp_path, tokenizer):
     m = make_tiny(layers=1)
     res = compress(m, "rtn-w4-g128")
-    with pytest.raises(PocketError, match="no GGUF block type holds"):
+    with pytest.raises(PocketError, match="no GGUF block type holds.*format: gguf-q4_k"):
         G.write(m, tokenizer, tmp_path / "x.gguf", res.context.quant)
 
 

@@ -35,16 +35,31 @@ def test_grids_that_no_format_holds_are_refused():
         pack(torch.zeros(2, 40, dtype=torch.uint8), torch.ones(2, 2), torch.zeros(2, 2), FORMATS["Q8_0"])
 
 
-def test_recipe_format_puts_quantizers_on_gguf_grids():
+def test_recipe_format_puts_quantizers_on_ggml_types():
     from pocketlm import compress
+    from pocketlm.recipe import from_dict
     from tests.conftest import make_tiny
 
     res = compress(make_tiny(layers=1), {"stages": [{"method": "rtn", "format": "gguf-q4_1"}]})
     rec = res.context.quant["model.layers.0.mlp.down_proj"]
-    assert format_for(rec.spec) is FORMATS["Q4_1"]
-    assert rec.spec.bpw(64, 160) == FORMATS["Q4_1"].bpw == 5.0  # d and m both float16, as the file stores
-    with pytest.raises(PocketError, match="unknown format 'gguf-q3_k'"):
-        compress(make_tiny(layers=1), {"stages": [{"method": "rtn", "format": "gguf-q3_k"}]})
+    assert rec.type == "Q4_1" and rec.weight.bpw == 5.0  # d and m both float16, as the file stores
+    with pytest.raises(Exception, match="unknown GGML type 'gguf-q7_k'"):
+        from_dict({"stages": [{"method": "rtn", "format": "gguf-q7_k"}]})
+
+
+def test_ggml_type_rtn_beats_ggmls_reference_quantizer():
+    """The weighted search (here with every weight counting alike) against gguf-py's port of
+    ggml's reference rounding, on the same weights."""
+    import gguf
+
+    from pocketlm.quant.ggml import quantize_matrix
+
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * 0.05
+    for name in ("Q4_0", "Q5_0", "Q8_0"):
+        qtype = gguf.GGMLQuantizationType[name]
+        ggml = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(W.numpy(), qtype), qtype)).reshape(W.shape)
+        ours = quantize_matrix(W, name)[0]
+        assert (ours - W).pow(2).mean() < 0.97 * (ggml - W).pow(2).mean(), name
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q5_0"])

@@ -101,6 +101,10 @@ class LayerProcessor:
     def after(self, layer: LayerView, outputs: ActivationStore) -> None:
         """Called with the layer's final outputs (e.g. for layer-similarity statistics)."""
 
+    def finish(self, adapter: ModelAdapter, hidden: ActivationStore) -> None:
+        """Called once with the last layer's outputs (before the final norm), e.g. for statistics
+        of the output head's inputs."""
+
 
 class _Stop(Exception):
     pass
@@ -179,6 +183,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                     processor.after(view, outputs)
                     inputs, outputs = outputs, inputs
                 advance(n, note=f"{idx + 1}/{n_layers}")
+        processor.finish(adapter, inputs)
     finally:
         inputs.close()
         if outputs is not None:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from .data import DEFAULT_CALIBRATION, calibration_windows
 from .errors import PocketError
 from .models import ModelAdapter
+from .quant.ggml import GGMLWeight
 from .quant.grid import QuantizedWeight, QuantSpec, codes
 
 
@@ -50,12 +52,66 @@ class QuantRecord:
                 "zero_bits": s.zero_bits, "signed_scale": s.signed_scale, "bpw": round(s.bpw(*self.shape), 6),
                 "shape": list(self.shape)}
 
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.scales": self.scales.contiguous(), f"{name}.zeros": self.zeros.contiguous()}
+
     @classmethod
-    def from_saved(cls, summary: dict, scales: torch.Tensor, zeros: torch.Tensor) -> "QuantRecord":
+    def from_saved(cls, summary: dict, tensors: dict[str, torch.Tensor], name: str) -> "QuantRecord | GGMLRecord":
         """Rebuild a record from ``pocketlm.json``'s entry and ``quantization.safetensors``."""
+        if "ggml_type" in summary:
+            return GGMLRecord.from_saved(summary, tensors, name)
+        scales, zeros = tensors[f"{name}.scales"], tensors[f"{name}.zeros"]
         spec = QuantSpec(bits=summary["bits"], group_size=summary["group_size"], sym=summary["sym"],
                          zero_bits=summary.get("zero_bits"), signed_scale=summary.get("signed_scale", False))
         return cls(summary["method"], spec, scales, zeros, tuple(summary["shape"]))
+
+
+@dataclass
+class GGMLRecord:
+    """A linear a quantizer put on a GGML block type: the very bytes a GGUF file stores for it
+    (rows in the model's order), from which the weight in the model dequantizes exactly."""
+
+    method: str
+    weight: GGMLWeight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    @property
+    def type(self) -> str:
+        return self.weight.type
+
+    @property
+    def storage_bits(self) -> int:
+        return self.weight.nbytes * 8
+
+    def summary(self) -> dict:
+        return {"method": self.method, "ggml_type": self.type, "bpw": round(self.weight.bpw, 6),
+                "shape": list(self.shape)}
+
+    def saved_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {f"{name}.ggml": torch.from_numpy(self.weight.data.copy())}
+
+    #: the GGML types that are plain symmetric integer grids: (bits, codes' zero point)
+    INTEGER_GRIDS = {"Q4_0": (4, 8), "Q5_0": (5, 16), "Q8_0": (8, 128)}
+
+    def as_grid(self) -> "QuantRecord | None":
+        """The same weights as a pocketlm integer grid (groups of 32, a float16 scale each) when
+        the type is one (Q4_0, Q5_0, Q8_0), else None."""
+        if self.type not in self.INTEGER_GRIDS:
+            return None
+        bits, zero = self.INTEGER_GRIDS[self.type]
+        d_out, d_in = self.shape
+        blocks = self.weight.data.reshape(d_out, d_in // 32, -1)
+        d = torch.from_numpy(blocks[..., :2].copy().view(np.float16).astype(np.float32)).reshape(d_out, -1)
+        spec = QuantSpec(bits=bits, group_size=32, sym=True, signed_scale=bits < 8)
+        return QuantRecord(self.method, spec, d, torch.full_like(d, zero, dtype=torch.uint8), self.shape)
+
+    @classmethod
+    def from_saved(cls, summary: dict, tensors: dict[str, torch.Tensor], name: str) -> "GGMLRecord":
+        data = tensors[f"{name}.ggml"].numpy()
+        return cls(summary["method"], GGMLWeight(summary["ggml_type"], tuple(summary["shape"]), data))
 
 
 @dataclass
@@ -64,7 +120,7 @@ class Context:
     tokenizer: object = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     calib_windows: torch.Tensor | None = None
-    quant: dict[str, QuantRecord] = field(default_factory=dict)
+    quant: dict[str, "QuantRecord | GGMLRecord"] = field(default_factory=dict)
     device: str = "cpu"
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # pruned linears: True = weight kept
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # their weights before pruning, if kept
@@ -123,6 +179,9 @@ class Context:
     def record_quant(self, name: str, qw: QuantizedWeight, method: str) -> None:
         self.quant[name] = QuantRecord(method, qw.spec, qw.scales, qw.zeros, tuple(qw.codes.shape))
 
+    def record_ggml(self, name: str, weight: GGMLWeight, method: str) -> None:
+        self.quant[name] = GGMLRecord(method, weight)
+
     def other_params(self, quantized_linears) -> int:
         """Parameters outside the given linears' weights (tied tensors counted once)."""
         qnames = {f"{n}.weight" for n in quantized_linears}
@@ -140,7 +199,7 @@ class Context:
         q_bits = 0
         for name, r in self.quant.items():
             keep = self.masks.get(name)
-            if keep is None:
+            if keep is None or isinstance(r, GGMLRecord):  # a GGML type stores zeros as codes
                 q_bits += r.storage_bits
             else:
                 n_groups = r.spec.n_groups(r.shape[1])

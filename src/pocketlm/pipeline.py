@@ -58,8 +58,7 @@ class CompressionResult:
             if self.context.quant:
                 tensors = {}
                 for n, r in self.context.quant.items():
-                    tensors[f"{n}.scales"] = r.scales.contiguous()
-                    tensors[f"{n}.zeros"] = r.zeros.contiguous()
+                    tensors.update(r.saved_tensors(n))
                 save_file(tensors, str(tmp / "quantization.safetensors"))
             man = self.manifest()
             man["exports"] = self._exports(tmp)

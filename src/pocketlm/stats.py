@@ -42,3 +42,56 @@ class HessianProcessor(LayerProcessor):
         self._sum.clear()
         self._count.clear()
         self._alias.clear()
+
+
+class ImatrixProcessor(LayerProcessor):
+    """The importance matrix: for every wanted linear, the mean square of each input over the
+    calibration tokens (diag of X X^T / N; llama.cpp's ``llama-imatrix`` collects the same), and
+    with ``head`` that of the output head's inputs (the final norm's outputs).
+    ``quantize(layer, imatrix)`` is called after each layer is observed, with the layer's
+    {linear: importance}, so a quantizer can transform the layer in one pass."""
+
+    def __init__(self, select, quantize=None, head: bool = False):
+        self._select, self._quantize, self._head = select, quantize, head
+        self.modifies_layer = quantize is not None
+        self._sum: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
+        self.imatrix: dict[str, torch.Tensor] = {}
+        self.head: torch.Tensor | None = None
+
+    def wants(self, name: str) -> bool:
+        return self._select(name)
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        sq = x.float().pow(2).sum(0)
+        if name in self._sum:
+            self._sum[name] += sq
+            self._count[name] += x.shape[0]
+        else:
+            self._sum[name], self._count[name] = sq, x.shape[0]
+
+    def process(self, layer) -> None:
+        got = {n: self._sum[n] / self._count[n] for n in self._sum}
+        self._sum.clear()
+        self._count.clear()
+        self.imatrix.update(got)
+        if self._quantize is not None:
+            self._quantize(layer, got)
+
+    def finish(self, adapter, hidden) -> None:
+        if self._head:
+            self.head = head_importance(adapter, hidden)
+
+
+def head_importance(adapter, hidden) -> torch.Tensor:
+    """Mean square of each input of the output head (the final norm of the last layer's outputs)."""
+    total, count = None, 0
+    dev = next(adapter.norm.parameters()).device
+    with torch.no_grad():
+        for i in range(len(hidden)):
+            h = adapter.norm(hidden[i].to(dev)).float()
+            h = h.reshape(-1, h.shape[-1])
+            sq = h.pow(2).sum(0).cpu()
+            total = sq if total is None else total + sq
+            count += h.shape[0]
+    return total / count

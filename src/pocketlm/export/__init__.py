@@ -29,13 +29,16 @@ class ExportTarget(BaseModel):
         if self.format != "gguf":
             return
         from ..errors import PocketError
-        from .ggml_blocks import FORMATS, format_for
+        from ..quant.ggml import TYPES
+        from .ggml_blocks import format_for
         from .gguf import FLOAT_TYPES, _check_type, check_exportable
 
         check_exportable(config)
-        _check_type(self.type, (*FLOAT_TYPES, *FORMATS))
-        _check_type(self.embed_type, (*FLOAT_TYPES, *FORMATS))
+        _check_type(self.type, (*FLOAT_TYPES, *TYPES))
+        _check_type(self.embed_type, (*FLOAT_TYPES, *TYPES))
         for k, st in enumerate(stages, 1):
+            if getattr(st, "format", None) is not None:  # on a GGML type already
+                continue
             specs = st.specs() if hasattr(st, "specs") else [st.spec()] if hasattr(st, "spec") else []
             off = [s.label() for s in specs if format_for(s) is None]
             if off:

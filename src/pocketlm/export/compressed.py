@@ -44,6 +44,16 @@ def stored_group(rec: QuantRecord) -> int:
     return -1 if g == -1 else math.gcd(g, d_in)
 
 
+def _as_grid(name: str, rec) -> QuantRecord:
+    if isinstance(rec, QuantRecord):
+        return rec
+    grid = rec.as_grid()
+    if grid is None:
+        raise PocketError(f"{name} is on GGML type {rec.type}, which compressed-tensors cannot hold; export it as "
+                          f"GGUF, or quantize with format gguf-q4_0/q5_0/q8_0 or bits/group_size for this export")
+    return grid
+
+
 def _check(name: str, rec: QuantRecord) -> None:
     if rec.spec.zero_bits not in (None, rec.spec.bits) and not rec.spec.sym:
         raise PocketError(f"{name} is on a grid with a float zero offset ({rec.spec.label()}, GGUF *_1 style), "
@@ -125,6 +135,9 @@ def write(model, records: dict[str, QuantRecord], out_dir: str | Path, source_di
     if not records:
         raise PocketError("the model has no quantized linears; compress it with rtn/gptq/aptq before a "
                           "compressed-tensors export (or export GGUF F16)")
+    # linears only: a quantized token embedding stays float here (compressed-tensors packs linears)
+    records = {name: _as_grid(name, rec) for name, rec in records.items()
+               if isinstance(model.get_submodule(name), torch.nn.Linear)}
     for name, rec in records.items():
         _check(name, rec)
     out_dir = Path(out_dir)

@@ -20,14 +20,16 @@ import numpy as np
 import torch
 
 from ..errors import PocketError
-from ..quant.grid import quantize_weight
-from .ggml_blocks import FORMATS, format_for, pack
+from ..quant.ggml import TYPES, fallback, quantize_matrix
+from .ggml_blocks import format_for, pack
 
 #: transformers model_type -> llama.cpp architecture, and whether q/k rows need the RoPE permutation
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
                  "qwen3": ("qwen3", False)}
 FLOAT_TYPES = ("F16", "F32")
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9}
+#: general.file_type (llama_ftype) named after a file's most common tensor type
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
+              "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
 
 
 def check_exportable(config) -> str:
@@ -111,8 +113,8 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     import gguf
 
     arch = check_exportable(model.config)
-    linear_type = _check_type(linear_type, (*FLOAT_TYPES, *FORMATS))
-    embed_type = _check_type(embed_type, (*FLOAT_TYPES, *FORMATS))
+    linear_type = _check_type(linear_type, (*FLOAT_TYPES, *TYPES))
+    embed_type = _check_type(embed_type, (*FLOAT_TYPES, *TYPES))
     quant = quant or {}
     cfg = model.config
     permute = ARCHITECTURES[cfg.model_type][1]
@@ -144,18 +146,26 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
             continue
         want = embed_type if gname == "token_embd.weight" or gname == "output.weight" else linear_type
         rec = quant.get(lin)
+        if rec is not None and hasattr(rec, "type"):  # a GGML type: the quantizer's own bytes
+            w.add_tensor(gname, rows(torch.from_numpy(rec.weight.data)).numpy(),
+                         raw_dtype=gguf.GGMLQuantizationType[rec.type])
+            types[gname] = rec.type
+            continue
         if rec is not None:
             fmt = format_for(rec.spec)
             if fmt is None:
                 raise PocketError(f"{lin} is quantized as {rec.spec.label()}, which no GGUF block type holds; "
-                                  f"quantize with format gguf-q4_0/q4_1/q5_0/q5_1/q8_0 (groups of 32)")
+                                  f"quantize with a GGML type instead (format: gguf-q4_k, gguf-iq4_nl, ...)")
             qw = rec.to_quantized(t)
             data = pack(rows(qw.codes), rows(qw.scales), rows(qw.zeros), fmt)
-        elif want in FORMATS:
-            fmt = FORMATS[want]
-            qw = quantize_weight(rows(t), fmt.spec)
-            data = pack(qw.codes, qw.scales, qw.zeros, fmt)
+        elif want in TYPES and fallback(want, t.shape[1]) != "F16":
+            got = fallback(want, t.shape[1])
+            _, gw, _, _ = quantize_matrix(rows(t), got)
+            w.add_tensor(gname, gw.data, raw_dtype=gguf.GGMLQuantizationType[got])
+            types[gname] = got
+            continue
         else:
+            want = want if want in FLOAT_TYPES else "F16"
             data = rows(t).numpy().astype(np.float16 if want == "F16" else np.float32)
             w.add_tensor(gname, data)
             types[gname] = want
@@ -171,3 +181,24 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     w.write_tensors_to_file()
     w.close()
     return types
+
+
+def tensor_types_of(path: str | Path, model) -> dict[str, str]:
+    """{linear name: GGML type} of the GGUF file at ``path`` for ``model``'s linears (the token
+    embedding under its module name), e.g. to put pocketlm's codes in the very mix of types a
+    llama.cpp file uses."""
+    import gguf
+
+    arch = check_exportable(model.config)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    to_hf = {}
+    for hf_name, t in model.state_dict().items():
+        if t.dim() == 2:
+            g = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if g is not None:
+                to_hf.setdefault(g, hf_name.removesuffix(".weight"))
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name in to_hf:
+            out[to_hf[t.name]] = t.tensor_type.name
+    return out

@@ -24,7 +24,7 @@ def quant_records(model_dir: str | Path) -> dict[str, QuantRecord]:
     out = {}
     for name, summary in man["linears"].items():
         try:
-            out[name] = QuantRecord.from_saved(summary, tensors[f"{name}.scales"], tensors[f"{name}.zeros"])
+            out[name] = QuantRecord.from_saved(summary, tensors, name)
         except KeyError:
             raise PocketError(f"{path} has no scales for {name}; re-run the compression that wrote it") from None
     return out

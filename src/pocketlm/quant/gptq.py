@@ -10,9 +10,11 @@ from pydantic import Field
 
 from ..calibrate import LayerView, run_layerwise
 from ..stages import register
-from ..stats import HessianProcessor
+from ..stats import HessianProcessor, head_importance
+from .ggml import GGMLWeight, get_type, importance_weights
+from .ggml.search import nearest
 from .grid import QuantizedWeight, QuantSpec, codes, fake_quant, find_params
-from .rtn import QuantStage
+from .rtn import EMBED, QuantStage
 
 
 def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int = 6) -> torch.Tensor:
@@ -34,7 +36,7 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int 
 @torch.no_grad()
 def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128, percdamp: float = 0.01,
          act_order: bool = False, row_bits: torch.Tensor | None = None,
-         keep: torch.Tensor | None = None) -> tuple[torch.Tensor, QuantizedWeight, float]:
+         keep: torch.Tensor | None = None, round_col=None) -> tuple[torch.Tensor, QuantizedWeight | None, float]:
     """Quantize ``W`` (d_out x d_in) given ``H`` (d_in x d_in).
 
     Returns the dequantized weight, its codes/scales/zeros, and GPTQ's own loss estimate
@@ -43,7 +45,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     so the stored format needs no permutation. ``row_bits`` gives rows their own bit width
     (several candidate widths of one matrix stacked; see ``gptq_widths``). ``keep`` is
     a pruning mask to preserve: pruned weights stay exactly zero and their error is spread
-    like any rounding error.
+    like any rounding error. ``round_col(j, w)``, if given, is the grid: it rounds column j
+    (original order) of values w to the grid fixed up front (a GGML type's blocks); the
+    returned QuantizedWeight is then None.
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float()
@@ -59,13 +63,16 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     scales = torch.zeros(d_out, n_groups, device=W.device)
     zeros = torch.zeros(d_out, n_groups, device=W.device)
     have = torch.zeros(n_groups, dtype=torch.bool)
-    if act_order:  # static groups: every group's grid from the original weights
+    if round_col is not None:
+        have[:] = True
+    elif act_order:  # static groups: every group's grid from the original weights
         hd = torch.diag(H) if spec.clip else None  # a clipping search weighs each input by its energy
         for g in range(n_groups):
             cols = slice(g * gl, (g + 1) * gl)
             scales[:, g], zeros[:, g] = find_params(W[:, cols], spec, weight=None if hd is None else hd[cols],
                                                     bits=bits)
         have[:] = True
+    if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     else:
@@ -93,7 +100,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
                 have[g] = True
             w = W1[:, i]
             d = U1[i, i]
-            q = fake_quant(w, scales[:, g], zeros[:, g], maxq)
+            q = fake_quant(w, scales[:, g], zeros[:, g], maxq) if round_col is None else round_col(col, w)
             if keep is not None:
                 q = q * keep[:, i1 + i]
             Q[:, i1 + i] = q
@@ -106,10 +113,44 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     if act_order:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
+    if round_col is not None:
+        return Q, None, loss.sum().item()
     idx = torch.arange(d_in, device=W.device) // gl
     q_codes = codes(Q, scales[:, idx], zeros[:, idx], maxq[:, None]).to(torch.uint8)
     qw = QuantizedWeight(spec, q_codes.cpu(), scales.cpu(), zeros.to(torch.uint8).cpu())
     return Q, qw, loss.sum().item()
+
+
+def gptq_ggml(W: torch.Tensor, H: torch.Tensor, type_name: str, blocksize: int = 128, percdamp: float = 0.01,
+              act_order: bool = True, keep: torch.Tensor | None = None):
+    """GPTQ onto a GGML block type. Each block's parameters (scale, min, sub-block scales) are
+    fixed up front from the original weights by the importance-weighted search, the importance
+    being diag(H) (each input's mean square); the column sweep then rounds every weight to the
+    nearest level of its block's grid and spreads the error as usual.
+    Returns (dequantized weight, GGMLWeight, GPTQ loss)."""
+    t = get_type(type_name)
+    d_out, d_in = W.shape
+    if d_in % t.block:
+        raise ValueError(f"{t.name} needs rows that are a multiple of {t.block} inputs, got {d_in}")
+    Wf = W.detach().float().cpu()
+    imp = importance_weights(Wf, torch.diag(H).cpu())
+    nb = d_in // t.block
+    x = Wf.reshape(-1, t.block)
+    p = t.fit(x, imp.expand(d_out, d_in).reshape(-1, t.block))
+    a, b = t.expand(p)
+    a, b = a.reshape(d_out, d_in).to(W.device), b.reshape(d_out, d_in).to(W.device)
+    safe_a = torch.where(a == 0, torch.ones_like(a), a)
+    levels = t.levels.to(W.device)
+
+    def round_col(j: int, w: torch.Tensor) -> torch.Tensor:
+        return a[:, j] * levels[nearest((w - b[:, j]) / safe_a[:, j], levels)] + b[:, j]
+
+    spec = QuantSpec(bits=8, group_size=-1)  # unused by the GGML path
+    Q, _, loss = gptq(W, H, spec, blocksize, percdamp, act_order, keep=keep, round_col=round_col)
+    q = t.encode(Q.cpu().reshape(-1, t.block), p)
+    deq = t.decode(q, p).reshape(d_out, d_in)
+    data = t.pack(q, p).reshape(d_out, nb * t.type_size)
+    return deq, GGMLWeight(t.name, (d_out, d_in), data), loss
 
 
 def gptq_widths(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, widths: list[int], **kw) -> dict[int, torch.Tensor]:
@@ -124,15 +165,21 @@ def gptq_widths(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, widths: list[
 
 class GPTQProcessor(HessianProcessor):
     """Quantizes each selected linear of a layer with GPTQ once the layer has been observed.
-    ``spec_for(name)`` gives each linear its grid (mixed precision); ``curvature(name, layer)``
-    may replace the plain H (APTQ's attention-aware curvature for q/k/v)."""
+    ``spec_for(name)`` gives each linear its grid (mixed precision): a QuantSpec, or the name of
+    a GGML type; ``curvature(name, layer)`` may replace the plain H (APTQ's attention-aware
+    curvature for q/k/v). With ``head``, the output head's input importance is kept in ``head``."""
 
     def __init__(self, ctx, select, spec_for, act_order=True, blocksize=128, damp=0.01, curvature=None,
-                 method="gptq"):
+                 method="gptq", head: bool = False):
         super().__init__(select)
         self.ctx, self.spec_for, self.curvature = ctx, spec_for, curvature
         self.act_order, self.blocksize, self.damp, self.method = act_order, blocksize, damp, method
         self.losses: dict[str, float] = {}
+        self._want_head, self.head = head, None
+
+    def finish(self, adapter, hidden) -> None:
+        if self._want_head:
+            self.head = head_importance(adapter, hidden)
 
     def process(self, layer: LayerView) -> None:
         extra = self.curvature(layer) if self.curvature else {}
@@ -141,10 +188,18 @@ class GPTQProcessor(HessianProcessor):
                 continue
             H = extra.get(name)
             H = self.hessian(name) if H is None else H
-            Q, qw, loss = gptq(lin.weight, H.to(self.ctx.device), self.spec_for(name), self.blocksize, self.damp,
-                               self.act_order, keep=self.ctx.masks.get(name))
+            spec = self.spec_for(name)
+            if spec == "F16":  # a GGML type whose rows do not fit, even after llama.cpp's fallback
+                continue
+            if isinstance(spec, str):
+                Q, gw, loss = gptq_ggml(lin.weight, H.to(self.ctx.device), spec, self.blocksize, self.damp,
+                                        self.act_order, keep=self.ctx.masks.get(name))
+                self.ctx.record_ggml(name, gw, method=self.method)
+            else:
+                Q, qw, loss = gptq(lin.weight, H.to(self.ctx.device), spec, self.blocksize, self.damp,
+                                   self.act_order, keep=self.ctx.masks.get(name))
+                self.ctx.record_quant(name, qw, method=self.method)
             lin.weight.data.copy_(Q.to(lin.weight.dtype))
-            self.ctx.record_quant(name, qw, method=self.method)
             self.losses[name] = loss
         self.release_layer()
 
@@ -160,7 +215,18 @@ class GPTQ(QuantStage):
 
     def run(self, ctx) -> dict:
         spec = self.spec()
-        proc = GPTQProcessor(ctx, self.selects, lambda name: spec, self.act_order, self.blocksize, self.damp)
+        if self.format is not None:
+            def spec_for(name):
+                return self.ggml_type(name, ctx.module(name).weight.shape[1])
+        else:
+            def spec_for(name):
+                return spec
+        proc = GPTQProcessor(ctx, self.selects, spec_for, self.act_order, self.blocksize, self.damp,
+                             head=self.embed is not None)
         run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="gptq")
-        return {"linears": len(proc.losses), "grid": self.spec().label(),
-                "gptq_loss": round(sum(proc.losses.values()), 4)}
+        rep = {"linears": len(proc.losses), "gptq_loss": round(sum(proc.losses.values()), 4)}
+        if self.format is not None:
+            if self.embed:
+                self.quantize_ggml(ctx, EMBED, proc.head)
+            return {**rep, "types": self.type_report(ctx)}
+        return {**rep, "grid": spec.label()}

@@ -1,13 +1,22 @@
-"""RTN: round every weight to the nearest point of its group's grid. Needs no calibration."""
+"""RTN: round every weight to the nearest point of its group's grid. Needs no calibration.
+
+With ``format: gguf-<type>`` the grid is a GGML block type (``quant.ggml``): each block's scale
+(and min) comes from the weighted search, every weight counting alike; ``imatrix`` is the same
+with each input weighted by its mean square on calibration text (llama.cpp's importance matrix).
+"""
 from __future__ import annotations
 
+import fnmatch
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
 from ..stages import Stage, register
+from .ggml import fallback, get_type, quantize_matrix
 from .grid import QuantSpec, quantize_weight
+
+EMBED = "model.embed_tokens"  # the record name of the token embedding (tied to the head when the model ties them)
 
 
 class QuantStage(Stage):
@@ -17,16 +26,24 @@ class QuantStage(Stage):
     group_size: int = Field(128, description="inputs per group; -1 = one group per output row")
     sym: bool = False
     clip: bool = Field(False, description="search a clipping ratio per group")
-    format: str | None = Field(None, description="a GGUF block grid (gguf-q4_0, gguf-q4_1, gguf-q5_0, gguf-q5_1, "
-                                                 "gguf-q8_0): sets bits, sym and groups of 32, for exact GGUF export")
+    format: str | None = Field(None, description="a GGML block type (gguf-q4_0, gguf-iq4_nl, gguf-q4_k, ...): the "
+                                                 "linears are put on that type, written to GGUF as they are")
+    types: dict[str, str] = Field(default_factory=dict,
+                                  description="per-linear GGML types, {glob: type}; the last matching glob wins")
+    embed: str | None = Field(None, description="GGML type of the token embedding (the output head too when tied)")
 
     @model_validator(mode="after")
     def _format(self):
+        for t in [self.format, self.embed, *self.types.values()]:
+            if t is not None:
+                get_type(t)  # unknown types are refused here, with the list
+        if self.types and self.format is None:
+            raise ValueError("types needs format (the default GGML type)")
+        if self.embed is not None and self.format is None:
+            raise ValueError("embed needs format (the default GGML type)")
         if self.format is not None:
-            from ..export.ggml_blocks import parse_format
-
-            f = parse_format(self.format)
-            self.__dict__.update(bits=f.bits, group_size=32, sym=f.sym)
+            t = get_type(self.format)
+            self.__dict__.update(bits=round(t.bpw), group_size=t.block, sym=False)
         return self
 
     @field_validator("group_size")
@@ -37,11 +54,37 @@ class QuantStage(Stage):
         return v
 
     def spec(self) -> QuantSpec:
-        if self.format is not None:
-            from ..export.ggml_blocks import parse_format
-
-            return parse_format(self.format).spec.model_copy(update={"clip": self.clip})
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, clip=self.clip)
+
+    def ggml_type(self, name: str, d_in: int) -> str | None:
+        """The GGML type a linear gets (llama.cpp's fallback for rows the type cannot hold)."""
+        if self.format is None:
+            return None
+        want = self.format
+        for pat, t in self.types.items():
+            if fnmatch.fnmatchcase(name, pat):
+                want = t
+        return fallback(want, d_in)
+
+    def quantize_ggml(self, ctx, name: str, imatrix: torch.Tensor | None) -> str:
+        """Importance-weighted RTN of one linear onto its type; returns the type."""
+        mod = ctx.module(name) if name != EMBED else ctx.adapter.embed
+        t = self.ggml_type(name, mod.weight.shape[1]) if name != EMBED else fallback(self.embed, mod.weight.shape[1])
+        if t == "F16":
+            return t
+        with torch.no_grad():
+            deq, gw, _, _ = quantize_matrix(mod.weight, t, imatrix)
+            mod.weight.copy_(deq.to(mod.weight.dtype))
+        ctx.record_ggml(name, gw, method=self.method)
+        return t
+
+    def type_report(self, ctx) -> dict:
+        hist: dict[str, int] = {}
+        for r in ctx.quant.values():
+            t = getattr(r, "type", None)
+            if t is not None:
+                hist[t] = hist.get(t, 0) + 1
+        return hist
 
 
 @register
@@ -49,8 +92,14 @@ class RTN(QuantStage):
     method: Literal["rtn"] = "rtn"
 
     def run(self, ctx) -> dict:
-        spec = self.spec()
         names = [n for n in ctx.linears() if self.selects(n)]
+        if self.format is not None:
+            for name in names:
+                self.quantize_ggml(ctx, name, None)
+            if self.embed:
+                self.quantize_ggml(ctx, EMBED, None)
+            return {"linears": len(names), "types": self.type_report(ctx)}
+        spec = self.spec()
         for name in names:
             lin = ctx.module(name)
             with torch.no_grad():
@@ -58,3 +107,34 @@ class RTN(QuantStage):
                 lin.weight.copy_(qw.dequantize().to(lin.weight.dtype))
             ctx.record_quant(name, qw, method=self.method)
         return {"linears": len(names), "grid": spec.label()}
+
+
+@register
+class Imatrix(QuantStage):
+    """RTN onto GGML types with each block's scale searched under the importance matrix (every
+    input weighted by its mean square on the calibration windows). One calibration pass, layer
+    by layer: each layer is quantized once its inputs are observed, so later layers' statistics
+    see the quantized earlier ones."""
+
+    method: Literal["imatrix"] = "imatrix"
+    format: str = Field("gguf-iq4_nl", description="the default GGML type")
+
+    needs_calibration = True
+
+    def run(self, ctx) -> dict:
+        from ..calibrate import run_layerwise
+        from ..stats import ImatrixProcessor
+
+        done = []
+
+        def quantize(layer, imatrix):
+            for name in layer.linears:
+                if self.selects(name):
+                    self.quantize_ggml(ctx, name, imatrix[name])
+                    done.append(name)
+
+        proc = ImatrixProcessor(self.selects, quantize, head=self.embed is not None)
+        run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="imatrix")
+        if self.embed:
+            self.quantize_ggml(ctx, EMBED, proc.head)
+        return {"linears": len(done), "types": self.type_report(ctx)}

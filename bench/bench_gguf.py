@@ -1,0 +1,215 @@
+"""GGUF files against llama.cpp's own quantizer with an importance matrix, at equal bytes.
+
+    .venv/bin/python bench/bench_gguf.py [--only a,b] [--windows 16] [--calib-windows 16]
+    .venv/bin/python bench/bench_gguf.py --speed A,B,...   # interleaved llama-bench runs of files
+    .venv/bin/python bench/table.py gguf                   # the table; --paired A B for differences
+
+Anchors, made by llama.cpp's own tools built from the pinned llama-cpp-python source
+(``bench/build_llamacpp.sh``): ``llama-imatrix`` on the calibration windows pocketlm uses (the
+same token windows, decoded to text, 2048-token chunks), then ``llama-quantize --imatrix`` of
+the float model (F32 GGUF) to each preset; ``llama.cpp-noimat-*`` rows without the matrix.
+pocketlm rows: ``<method>-like-<PRESET>`` puts pocketlm's own codes in exactly the per-tensor
+types of llama.cpp's file of that preset (so the bytes are identical): ``imatrix`` is
+importance-weighted RTN, ``gptq`` GPTQ on the type's blocks with the importance-weighted scales.
+``aptq-<MB>`` plans the types per tensor to a whole-file budget.
+Every row: WikiText-2 (first N windows of 2048 tokens) perplexity from llama.cpp's logits, KL
+and top-1 against the float PyTorch model, per-window NLL and KL, file bytes and bpw.
+GGUF files go to POCKETLM_BENCH_DIR (default /tmp/pocketlm-gguf).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, calibrated_main, emit, eval_fields  # noqa: E402
+
+PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"]
+CONFIGS = [*[f"llama.cpp-{p}" for p in PRESETS], *[f"gptq-like-{p}" for p in PRESETS],
+           *[f"imatrix-like-{p}" for p in PRESETS], *[f"llama.cpp-noimat-{p}" for p in ("Q4_0", "IQ4_NL")]]
+DIR = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf"))
+THREADS = int(os.environ.get("POCKETLM_BENCH_THREADS", "2"))
+HERE = Path(__file__).resolve().parent
+
+
+def tools() -> Path:
+    out = subprocess.run(["bash", str(HERE / "build_llamacpp.sh")], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def float_gguf() -> Path:
+    from pocketlm import models
+    from pocketlm.export import gguf as G
+    from pocketlm.fsutil import atomic_file
+
+    path = DIR / "smollm2-135m-F32.gguf"
+    if not path.is_file():
+        model, tok, src = models.load("smollm2-135m")
+        with atomic_file(path, overwrite=True) as tmp:
+            G.write(model, tok, tmp, None, src.describe(), "F32", "F32", name="SmolLM2-135M-Instruct")
+    return path
+
+
+def calib_windows(n: int):
+    from pocketlm import models
+    from pocketlm.data import calibration_windows
+
+    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
+    return tok, calibration_windows(tok, n, 2048)
+
+
+def imatrix(n: int) -> tuple[Path, float]:
+    """llama-imatrix over the calibration windows (decoded to text); returns (file, seconds)."""
+    out = DIR / f"imatrix-calib{n}.gguf"
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file():
+        return out, json.loads(meta.read_text())["seconds"]
+    tok, w = calib_windows(n)
+    text = DIR / f"calib{n}.txt"
+    text.write_text("".join(tok.decode(row) for row in w.tolist()))
+    t = time.perf_counter()
+    subprocess.run([str(tools() / "llama-imatrix"), "-m", str(float_gguf()), "-f", str(text), "-o", str(out),
+                    "-c", "2048", "-b", "2048", "--chunks", str(n), "-t", str(THREADS), "--no-ppl"],
+                   check=True, capture_output=True)
+    secs = time.perf_counter() - t
+    meta.write_text(json.dumps({"seconds": secs}))
+    return out, secs
+
+
+def llama_quantize(preset: str, imat: Path | None) -> tuple[Path, float]:
+    out = DIR / f"llama.cpp-{'' if imat else 'noimat-'}{preset}.gguf"
+    t = time.perf_counter()
+    if not out.is_file():
+        args = [str(tools() / "llama-quantize")] + (["--imatrix", str(imat)] if imat else [])
+        tmp = out.with_suffix(".partial")
+        subprocess.run([*args, str(float_gguf()), str(tmp), preset, str(THREADS)], check=True, capture_output=True)
+        tmp.replace(out)
+    return out, time.perf_counter() - t
+
+
+def gguf_types(path: Path) -> dict[str, str]:
+    from gguf import GGUFReader
+
+    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
+
+
+def gguf_sizes(path: Path) -> tuple[int, int]:
+    from gguf import GGUFReader
+
+    ts = GGUFReader(str(path)).tensors
+    return sum(int(t.n_elements) for t in ts), sum(int(t.n_bytes) for t in ts)
+
+
+def run_bench(path: Path) -> dict:
+    code = ("import json,sys; from pocketlm.runtime.llamacpp import bench; "
+            f"print(json.dumps(bench(sys.argv[1], {THREADS})))")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, path: Path, windows: int, extra: dict) -> None:
+    import torch
+
+    from pocketlm import models
+    from pocketlm.data import eval_windows
+    from pocketlm.measure import ReferenceCache, evaluate_windows
+    from pocketlm.runtime.llamacpp import LlamaCppScorer
+
+    torch.set_num_threads(THREADS)
+    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
+    ids = eval_windows(tok, "wikitext2", 2048, windows)
+    folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
+    ref_path = folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32"
+    if not ref_path.with_suffix(".json").is_file():
+        model, _, _ = models.load("smollm2-135m")
+        ReferenceCache.build(model, ids, ref_path)
+        del model
+    ref = ReferenceCache(ref_path, ids)
+    scorer = LlamaCppScorer(path, n_ctx=2048, threads=THREADS)
+    r = evaluate_windows(scorer, ids, reference=ref, corpus="wikitext2", chunk=512)
+    del scorer
+    params, tensor_bytes = gguf_sizes(path)
+    types = gguf_types(path)
+    counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
+    emit({"bench": "gguf", "config": name, "model": "smollm2-135m", **extra, "file": path.name,
+          "bytes": path.stat().st_size, "tensor_bytes": tensor_bytes, "params": params,
+          "file_bpw": round(path.stat().st_size * 8 / params, 4), "bpw": round(tensor_bytes * 8 / params, 4),
+          "token_embd": types.get("token_embd.weight"), "tensor_types": counts, **eval_fields(r),
+          "eval_threads": THREADS})
+
+
+def pocketlm_like(method: str, preset: str, n_calib: int) -> tuple[Path, dict]:
+    """pocketlm's codes in the per-tensor types of llama.cpp's (imatrix) file of ``preset``."""
+    import pocketlm
+    from pocketlm import models
+    from pocketlm.export import gguf as G
+    from pocketlm.fsutil import atomic_file
+
+    imat, _ = imatrix(n_calib)
+    like, _ = llama_quantize(preset, imat)
+    model, tok, src = models.load("smollm2-135m")
+    mix = G.tensor_types_of(like, model)
+    embed = mix.pop("model.embed_tokens")
+    main = max(set(mix.values()), key=list(mix.values()).count)
+    stage = {"method": method, "format": f"gguf-{main.lower()}", "types": {k: v for k, v in mix.items() if v != main},
+             "embed": embed}
+    _, w = calib_windows(n_calib)
+    t = time.perf_counter()
+    res = pocketlm.compress(model, {"name": f"{method}-like-{preset}", "stages": [stage]}, tokenizer=tok,
+                            calibration=w)
+    compress_s = time.perf_counter() - t
+    out = DIR / f"pocketlm-{method}-like-{preset}.gguf"
+    with atomic_file(out, overwrite=True) as tmp:
+        types = G.write(model, tok, tmp, res.context.quant, src.describe(), "F16", embed,
+                        name=f"pocketlm {method} like {preset}")
+    theirs = gguf_types(like)
+    diff = {k: (v, theirs.get(k)) for k, v in types.items() if theirs.get(k) != v}
+    if diff:
+        raise RuntimeError(f"tensor types differ from llama.cpp's {preset} file: {diff}")
+    return out, {"source": "pocketlm", "method": method, "type": preset, "calib_windows": n_calib,
+                 "compress_s": round(compress_s, 1), "recipe_types": {"format": main, "embed": embed}}
+
+
+def one(name: str, windows: int, n_calib: int) -> None:
+    DIR.mkdir(parents=True, exist_ok=True)
+    if name.startswith("llama.cpp-"):
+        preset = name.removeprefix("llama.cpp-")
+        plain = preset.startswith("noimat-")
+        preset = preset.removeprefix("noimat-")
+        imat, imat_s = (None, 0.0) if plain else imatrix(n_calib)
+        path, q_s = llama_quantize(preset, imat)
+        measure(name, path, windows, {"source": "llama.cpp", "method": "llama-quantize" + ("" if plain else
+                " --imatrix"), "type": preset, "calib_windows": 0 if plain else n_calib,
+                "imatrix_s": round(imat_s, 1), "quantize_s": round(q_s, 1)})
+    else:
+        method, _, preset = name.split("-", 2)
+        path, extra = pocketlm_like(method, preset, n_calib)
+        measure(name, path, windows, extra)
+
+
+def speed(names: list[str], rounds: int = 3) -> None:
+    """Prefill/decode speed of the named configs' files, interleaved over ``rounds`` passes."""
+    rows = {json.loads(x)["config"]: json.loads(x) for x in (RESULTS / "gguf.jsonl").read_text().splitlines()
+            if x.strip()}
+    best: dict[str, dict] = {}
+    for _ in range(rounds):
+        for n in names:
+            sp = run_bench(DIR / rows[n]["file"])
+            b = best.setdefault(n, dict(sp))
+            for k in ("pp_tok_s", "tg_tok_s"):
+                b[k] = max(b[k], sp[k])
+    for n in names:
+        emit({"bench": "gguf-speed", "config": n, "file": rows[n]["file"], "rounds": rounds, **best[n],
+              "bench_threads": THREADS})
+
+
+if __name__ == "__main__":
+    if "--speed" in sys.argv:
+        speed(sys.argv[sys.argv.index("--speed") + 1].split(","))
+    else:
+        calibrated_main(__file__, "gguf", CONFIGS, one, 16)
