@@ -3,6 +3,8 @@ or compare two of its configurations window by window.
 
     python bench/table.py prune
     python bench/table.py gptq --paired A B    # B minus A: mean per-window NLL and KL, with standard errors
+    python bench/table.py gguf --versus        # each llama.cpp file against pocketlm's best file of no more bytes
+    python bench/table.py gguf --plot          # bench/results/gguf.png: KL and perplexity against file size
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ COLUMNS = {
               ("kl", "KL"), ("top1", "top-1"), ("bytes_on_disk", "MiB on disk"), ("compress_s", "compress s")],
     "gptq": [("config", "config"), ("bpw_quantized", "bpw"), ("ppl", "perplexity"), ("kl", "KL"), ("top1", "top-1"),
              ("compress_s", "compress s"), ("peak_rss_mib", "peak RSS MiB")],
+    "gguf": [("config", "config"), ("bytes", "MiB"), ("file_bpw", "file bpw"), ("ppl", "perplexity"), ("kl", "KL"),
+             ("top1", "top-1"), ("token_embd", "token_embd"), ("compress_s", "compress s")],
     "ondevice": [("config", "config"), ("bpw", "bpw"), ("bytes", "MiB"), ("ppl", "perplexity"), ("kl", "KL"),
                  ("top1", "top-1"), ("pp_tok_s", "prefill tok/s"), ("tg_tok_s", "decode tok/s"),
                  ("run_peak_rss_mib", "run peak RSS MiB"), ("token_embd", "token_embd")],
@@ -40,6 +44,73 @@ def main(name: str) -> None:
     print("| " + " | ".join("---" for _ in cols) + " |")
     for r in rows:
         print("| " + " | ".join(cell(k, r.get(k)) for k, _ in cols) + " |")
+
+
+def _diff(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Mean of y - x over windows and its standard error."""
+    d = [v - u for u, v in zip(x, y)]
+    n = len(d)
+    mean = sum(d) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n)
+
+
+def _rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (RESULTS / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+
+
+def versus() -> None:
+    """For every llama.cpp file: the pocketlm file with the lowest KL among those of no more
+    bytes, and the paired difference over the evaluation windows (pocketlm minus llama.cpp)."""
+    rows = [r for r in _rows("gguf") if "kl" in r]
+    mine = [r for r in rows if r.get("source") == "pocketlm"]
+    print("| llama.cpp file | MiB | perplexity | KL | pocketlm file | MiB | perplexity | KL | KL difference "
+          "(paired, +- SE) | NLL difference |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in sorted((r for r in rows if r.get("source") == "llama.cpp"), key=lambda r: -r["bytes"]):
+        fit = [m for m in mine if m["bytes"] <= r["bytes"]]
+        if not fit:
+            print(f"| {r['config']} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | {r['kl']:.4f} | – | | | | | |")
+            continue
+        b = min(fit, key=lambda m: m["kl"])
+        dk, sk = _diff(r["window_kl"], b["window_kl"])
+        dn, sn = _diff(r["window_nll"], b["window_nll"])
+        print(f"| {r['config']} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | {r['kl']:.4f} | {b['config']} | "
+              f"{b['bytes'] / 2**20:.2f} | {b['ppl']:.3f} | {b['kl']:.4f} | {dk:+.4f} +- {sk:.4f} | "
+              f"{dn:+.4f} +- {sn:.4f} |")
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in _rows("gguf") if "kl" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    groups = {"llama.cpp + imatrix": lambda r: r.get("source") == "llama.cpp" and r.get("calib_windows"),
+              "llama.cpp, no imatrix": lambda r: r.get("source") == "llama.cpp" and not r.get("calib_windows"),
+              "pocketlm": lambda r: r.get("source") == "pocketlm"}
+    style = {"llama.cpp + imatrix": ("tab:red", "s"), "llama.cpp, no imatrix": ("tab:orange", "x"),
+             "pocketlm": ("tab:blue", "o")}
+    for ax, key, label in ((axes[0], "kl", "KL from the float model (nats/token)"),
+                           (axes[1], "ppl", "WikiText-2 perplexity")):
+        for g, pick in groups.items():
+            pts = sorted((r["bytes"] / 2**20, r[key], r["config"]) for r in rows if pick(r))
+            if not pts:
+                continue
+            color, marker = style[g]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=color, marker=marker, label=g, zorder=3)
+            for x, y, c in pts:
+                ax.annotate(c.removeprefix("llama.cpp-"), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("GGUF file size (MiB)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct in llama.cpp: quality against file size")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gguf.png", dpi=120)
+    print(f"wrote {RESULTS / 'gguf.png'}")
 
 
 def paired(name: str, a: str, b: str) -> None:
@@ -67,5 +138,9 @@ def paired(name: str, a: str, b: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[2] == "--paired":
         paired(sys.argv[1], sys.argv[3], sys.argv[4])
+    elif sys.argv[1:] == ["gguf", "--versus"]:
+        versus()
+    elif sys.argv[1:] == ["gguf", "--plot"]:
+        plot()
     else:
         main(sys.argv[1])

@@ -132,5 +132,6 @@ def test_gguf_types_budget_below_q4_0_is_refused():
     names = [n for n in Context(model=model).linears() if stage.selects(n)]
     with pytest.raises(PocketError, match=r"below the smallest allowed plan \(4\.5000 bpw with Q4_0\)"):
         stage.budget_bits(Context(model=model), names)
-    with pytest.raises(ValueError, match="unknown format"):
-        APTQ(bpw=5.0, formats=["gguf-q4_k"])
+    with pytest.raises(Exception, match="unknown GGML type 'gguf-q7_k'"):
+        APTQ(bpw=5.0, formats=["gguf-q7_k"])
+    assert APTQ(bpw=5.0, formats=["gguf-q4_k", "iq4_nl"]).formats == ["Q4_K", "IQ4_NL"]

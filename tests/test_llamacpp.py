@@ -53,31 +53,106 @@ def test_quantized_gguf_matches_the_pytorch_model_it_came_from(tmp_path, tokeniz
 
 
 def test_aptq_on_gguf_types_exports_one_type_per_tensor(tmp_path, tokenizer):
-    """APTQ restricted to GGUF block types: the budget holds, the plan mixes types, and the
-    GGUF file stores each linear in the type the plan chose (llama.cpp runs it as PyTorch does)."""
-    from pocketlm.export.ggml_blocks import FORMATS, format_for
+    """APTQ restricted to GGML types: the budget holds, the plan mixes types, and the GGUF file
+    stores each linear in the type the plan chose (llama.cpp runs it as PyTorch does)."""
     from pocketlm.measure import TorchScorer
 
     m = make_tiny(layers=2)
-    formats = ["gguf-q4_0", "gguf-q5_0", "gguf-q8_0"]
+    formats = ["gguf-q4_0", "gguf-iq4_nl", "gguf-q5_0", "gguf-q8_0"]
     res = compress(m, {"stages": [{"method": "aptq", "bpw": 5.5, "formats": formats, "sensitivity": "trace"}]},
                    calibration=WINDOWS)
     quant = res.context.quant
     assert res.context.size_report()["bpw_quantized"] <= 5.5
-    chosen = {format_for(r.spec).name for r in quant.values()}
-    assert len(chosen) >= 2 and chosen <= {"Q4_0", "Q5_0", "Q8_0"}
+    chosen = {r.type for r in quant.values()}
+    assert len(chosen) >= 2 and chosen <= {"Q4_0", "IQ4_NL", "Q5_0", "Q8_0"}
     types = G.write(m, tokenizer, tmp_path / "mix.gguf", quant, embed_type="F32")
     for name, rec in quant.items():
         layer, rest = name.split(".")[2], name.split(".")[-1]
         gname = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[rest]
-        assert types[f"blk.{layer}.{gname}.weight"] == format_for(rec.spec).name
-    bits = sum(FORMATS[t].bpw * res.context.module(n).weight.numel() for n, t in
-               ((n, format_for(r.spec).name) for n, r in quant.items()))
-    assert bits <= 5.5 * sum(res.context.module(n).weight.numel() for n in quant)
+        assert types[f"blk.{layer}.{gname}.weight"] == rec.type
+    assert sum(r.storage_bits for r in quant.values()) <= 5.5 * sum(r.shape[0] * r.shape[1] for r in quant.values())
     cpp = _logprobs(LlamaCppScorer(tmp_path / "mix.gguf", n_ctx=64, threads=2))
     ours = _logprobs(TorchScorer(m))
     assert (cpp - ours).std() < 0.02
+
+
+def _tiny_wide(hidden=256, inter=512, heads=4, head_dim=64, layers=1, tied=True):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=hidden, intermediate_size=inter,
+                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                               head_dim=head_dim, max_position_embeddings=512, tie_word_embeddings=tied)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "iq4_nl"])
+def test_k_and_iq_types_read_back_by_llama_cpp_exactly(tmp_path, tokenizer, fmt):
+    """llama.cpp's own dequantizer reads pocketlm's bytes as pocketlm does: a token embedding
+    on the type is looked up by ggml_get_rows (exact dequantization, no activation rounding), so
+    with every other tensor in F32 llama.cpp's logits equal the PyTorch model's."""
+    from pocketlm.context import GGMLRecord
+    from pocketlm.quant.ggml import quantize_matrix
+
+    m = _tiny_wide(tied=False)
+    emb = m.get_input_embeddings()
+    deq, gw, _, _ = quantize_matrix(emb.weight, fmt.upper(), torch.rand(emb.weight.shape[1]))
+    with torch.no_grad():
+        emb.weight.copy_(deq)
+    types = G.write(m, tokenizer, tmp_path / "e.gguf", {"model.embed_tokens": GGMLRecord("rtn", gw)},
+                    linear_type="F32", embed_type="F32")
+    assert types["token_embd.weight"] == fmt.upper()
+    r = _torch_vs_cpp(m, tmp_path / "e.gguf")
+    assert r.kl < 1e-5 and r.top1 == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["q2_k", "q4_k", "q6_k", "iq4_xs"])
+def test_k_types_run_in_llama_cpp_as_in_pytorch(tmp_path, tokenizer, fmt):
+    """Rows of 256 and 512 inputs take the super-block types; GPTQ's codes run in llama.cpp as
+    in PyTorch, up to llama.cpp's rounding of activations to 8 bits per 256 (std ~0.035 nats)."""
+    from pocketlm.measure import TorchScorer
+
+    m = _tiny_wide()
+    res = compress(m, {"stages": [{"method": "gptq", "format": fmt}]}, calibration=WINDOWS)
+    assert {r.type for r in res.context.quant.values()} == {fmt.upper()}
+    G.write(m, tokenizer, tmp_path / "k.gguf", res.context.quant, embed_type="F32")
+    cpp = _logprobs(LlamaCppScorer(tmp_path / "k.gguf", n_ctx=64, threads=2))
+    ours = _logprobs(TorchScorer(m))
+    assert (cpp - ours).std() < 0.05 and (cpp - ours).abs().max() < 0.4
+
+
+def test_fallback_matches_llama_cpps_quantizer(tmp_path, tokenizer):
+    """llama.cpp's own quantizer (``llama_model_quantize``, pure mode) on rows of 576, 640, 896,
+    1536 and 2048 inputs picks the types ``quant.ggml.fallback`` predicts."""
+    import llama_cpp
+
+    from pocketlm.quant.ggml import fallback
+
+    cases = [_tiny_wide(576, 1536, 9, 64), _tiny_wide(640, 2048, 14, 64)]  # o_proj inputs 576 and 896
+    for k, m in enumerate(cases):
+        src = tmp_path / f"f{k}.gguf"
+        G.write(m, tokenizer, src, linear_type="F32", embed_type="F32")
+        widths = {n: mod.weight.shape[1] for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
+        for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"):
+            out = tmp_path / f"q{k}-{t}.gguf"
+            params = llama_cpp.llama_model_quantize_default_params()
+            ftype = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}.get(t, t)  # pure: the preset's base type
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+            params.pure = True
+            params.nthread = 2
+            assert llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), params) == 0
+            got = {tt.name: tt.tensor_type.name for tt in __import__("gguf").GGUFReader(str(out)).tensors}
+            for name, d_in in widths.items():
+                if name == "lm_head":
+                    continue
+                gname = G.tensor_name(m, name)
+                assert got[gname] == fallback(t, d_in), (t, name, d_in)
 
 
 def test_cli_eval_and_bench_on_a_gguf(tmp_path, tokenizer):

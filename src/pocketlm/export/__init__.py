@@ -37,13 +37,13 @@ class ExportTarget(BaseModel):
         _check_type(self.type, (*FLOAT_TYPES, *TYPES))
         _check_type(self.embed_type, (*FLOAT_TYPES, *TYPES))
         for k, st in enumerate(stages, 1):
-            if getattr(st, "format", None) is not None:  # on a GGML type already
+            if getattr(st, "format", None) is not None or getattr(st, "formats", None) is not None:  # GGML types
                 continue
             specs = st.specs() if hasattr(st, "specs") else [st.spec()] if hasattr(st, "spec") else []
             off = [s.label() for s in specs if format_for(s) is None]
             if off:
                 raise PocketError(f"stage {k} ({st.method}) quantizes onto {off[0]}, which no GGUF block type holds; "
-                                  f"give it format: gguf-q4_0 (or formats: [...] for aptq), or drop the gguf export")
+                                  f"give it format: gguf-q4_k (or formats: [...] for aptq), or drop the gguf export")
 
     def out_path(self, out_dir: Path) -> Path:
         return out_dir / (self.path or ("model.gguf" if self.format == "gguf" else "compressed-tensors"))

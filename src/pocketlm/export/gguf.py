@@ -183,6 +183,18 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     return types
 
 
+def tensor_name(model, hf_name: str) -> str:
+    """The GGUF tensor name of a module's weight (e.g. model.layers.0.self_attn.q_proj -> blk.0.attn_q.weight)."""
+    import gguf
+
+    arch = check_exportable(model.config)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    name = tmap.get_name(f"{hf_name}.weight", try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise PocketError(f"no GGUF name for {hf_name}")
+    return name
+
+
 def tensor_types_of(path: str | Path, model) -> dict[str, str]:
     """{linear name: GGML type} of the GGUF file at ``path`` for ``model``'s linears (the token
     embedding under its module name), e.g. to put pocketlm's codes in the very mix of types a
