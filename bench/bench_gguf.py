@@ -22,16 +22,18 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_ondevice import gguf_sizes, gguf_types, run_bench, score_gguf  # noqa: E402
 from common import RESULTS, calibrated_main, emit, eval_fields  # noqa: E402
 
 PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"]
 CONFIGS = [*[f"llama.cpp-{p}" for p in PRESETS], *[f"gptq-like-{p}" for p in PRESETS],
-           *[f"imatrix-like-{p}" for p in PRESETS], *[f"llama.cpp-noimat-{p}" for p in ("Q4_0", "IQ4_NL")]]
+           *[f"imatrix-like-{p}" for p in PRESETS], *[f"aptq-like-{p}" for p in PRESETS],
+           *[f"aptq-rtn-like-{p}" for p in PRESETS],
+           *[f"llama.cpp-noimat-{p}" for p in ("Q4_0", "IQ4_NL")]]
 DIR = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf"))
 THREADS = int(os.environ.get("POCKETLM_BENCH_THREADS", "2"))
 HERE = Path(__file__).resolve().parent
@@ -92,47 +94,8 @@ def llama_quantize(preset: str, imat: Path | None) -> tuple[Path, float]:
     return out, time.perf_counter() - t
 
 
-def gguf_types(path: Path) -> dict[str, str]:
-    from gguf import GGUFReader
-
-    return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
-
-
-def gguf_sizes(path: Path) -> tuple[int, int]:
-    from gguf import GGUFReader
-
-    ts = GGUFReader(str(path)).tensors
-    return sum(int(t.n_elements) for t in ts), sum(int(t.n_bytes) for t in ts)
-
-
-def run_bench(path: Path) -> dict:
-    code = ("import json,sys; from pocketlm.runtime.llamacpp import bench; "
-            f"print(json.dumps(bench(sys.argv[1], {THREADS})))")
-    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def measure(name: str, path: Path, windows: int, extra: dict) -> None:
-    import torch
-
-    from pocketlm import models
-    from pocketlm.data import eval_windows
-    from pocketlm.measure import ReferenceCache, evaluate_windows
-    from pocketlm.runtime.llamacpp import LlamaCppScorer
-
-    torch.set_num_threads(THREADS)
-    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
-    ids = eval_windows(tok, "wikitext2", 2048, windows)
-    folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
-    ref_path = folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32"
-    if not ref_path.with_suffix(".json").is_file():
-        model, _, _ = models.load("smollm2-135m")
-        ReferenceCache.build(model, ids, ref_path)
-        del model
-    ref = ReferenceCache(ref_path, ids)
-    scorer = LlamaCppScorer(path, n_ctx=2048, threads=THREADS)
-    r = evaluate_windows(scorer, ids, reference=ref, corpus="wikitext2", chunk=512)
-    del scorer
+    r = score_gguf(path, windows)
     params, tensor_bytes = gguf_sizes(path)
     types = gguf_types(path)
     counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
@@ -175,6 +138,52 @@ def pocketlm_like(method: str, preset: str, n_calib: int) -> tuple[Path, dict]:
                  "compress_s": round(compress_s, 1), "recipe_types": {"format": main, "embed": embed}}
 
 
+APTQ_FORMATS = ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "IQ4_NL", "IQ4_XS", "Q3_K", "Q2_K"]
+
+
+def metadata_bytes() -> int:
+    """Bytes of a pocketlm GGUF file of this model beyond its tensor data (header, tokenizer,
+    tensor index, alignment): measured on a file written by pocketlm."""
+    probe = DIR / "probe-Q8_0.gguf"
+    if not probe.is_file():
+        from pocketlm import models
+        from pocketlm.export import gguf as G
+        from pocketlm.fsutil import atomic_file
+
+        model, tok, src = models.load("smollm2-135m")
+        with atomic_file(probe, overwrite=True) as tmp:
+            G.write(model, tok, tmp, None, src.describe(), "Q8_0", "Q8_0", name="pocketlm aptq-like probe")
+    return probe.stat().st_size - gguf_sizes(probe)[1]
+
+
+def pocketlm_aptq(preset: str, n_calib: int, quantizer: str = "gptq") -> tuple[Path, dict]:
+    """APTQ over every GGML type, the whole file within the bytes of llama.cpp's ``preset`` file
+    (token embedding in the type llama.cpp's file gives it); ``quantizer``: GPTQ or
+    importance-weighted RTN onto the planned types."""
+    import pocketlm
+    from pocketlm import models
+    from pocketlm.export import gguf as G
+    from pocketlm.fsutil import atomic_file
+
+    imat, _ = imatrix(n_calib)
+    like, _ = llama_quantize(preset, imat)
+    budget = like.stat().st_size - metadata_bytes()
+    model, tok, src = models.load("smollm2-135m")
+    embed = G.tensor_types_of(like, model)["model.embed_tokens"]
+    stage = {"method": "aptq", "bytes": budget, "formats": APTQ_FORMATS, "embed": embed, "quantizer": quantizer}
+    _, w = calib_windows(n_calib)
+    t = time.perf_counter()
+    name = f"aptq-{'rtn-' if quantizer == 'rtn' else ''}like-{preset}"
+    res = pocketlm.compress(model, {"name": name, "stages": [stage]}, tokenizer=tok, calibration=w)
+    compress_s = time.perf_counter() - t
+    out = DIR / f"pocketlm-{name}.gguf"
+    with atomic_file(out, overwrite=True) as tmp:
+        G.write(model, tok, tmp, res.context.quant, src.describe(), "F16", embed, name=f"pocketlm {name}")
+    return out, {"source": "pocketlm", "method": "aptq", "type": "mixed", "calib_windows": n_calib,
+                 "compress_s": round(compress_s, 1), "budget_bytes": budget, "recipe": {"stages": [stage]},
+                 "plan": res.stages[0].get("plan_histogram")}
+
+
 def one(name: str, windows: int, n_calib: int) -> None:
     DIR.mkdir(parents=True, exist_ok=True)
     if name.startswith("llama.cpp-"):
@@ -186,6 +195,10 @@ def one(name: str, windows: int, n_calib: int) -> None:
         measure(name, path, windows, {"source": "llama.cpp", "method": "llama-quantize" + ("" if plain else
                 " --imatrix"), "type": preset, "calib_windows": 0 if plain else n_calib,
                 "imatrix_s": round(imat_s, 1), "quantize_s": round(q_s, 1)})
+    elif name.startswith("aptq-"):
+        quantizer = "rtn" if name.startswith("aptq-rtn-") else "gptq"
+        path, extra = pocketlm_aptq(name.split("-like-")[1], n_calib, quantizer)
+        measure(name, path, windows, extra)
     else:
         method, _, preset = name.split("-", 2)
         path, extra = pocketlm_like(method, preset, n_calib)

@@ -93,7 +93,10 @@ def run_bench(path: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def measure(name: str, path: Path, windows: int, extra: dict) -> None:
+def score_gguf(path: Path, windows: int):
+    """The evaluation of a GGUF file from llama.cpp's logits: the first ``windows`` WikiText-2
+    windows of 2048 tokens, KL and top-1 against the float PyTorch model (its log-probabilities
+    computed once into a scratch file)."""
     import torch
 
     from pocketlm import models
@@ -112,8 +115,11 @@ def measure(name: str, path: Path, windows: int, extra: dict) -> None:
         del model
     ref = ReferenceCache(ref_path, ids)
     scorer = LlamaCppScorer(path, n_ctx=2048, threads=THREADS)
-    r = evaluate_windows(scorer, ids, reference=ref, corpus="wikitext2", chunk=512)
-    del scorer
+    return evaluate_windows(scorer, ids, reference=ref, corpus="wikitext2", chunk=512)
+
+
+def measure(name: str, path: Path, windows: int, extra: dict) -> None:
+    r = score_gguf(path, windows)
     sp = run_bench(path)
     params, tensor_bytes = gguf_sizes(path)
     types = gguf_types(path)

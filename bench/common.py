@@ -46,7 +46,8 @@ def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | 
                            env={**os.environ, "POCKETLM_QUIET": "1", "TQDM_DISABLE": "1"})
         lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
         if r.returncode != 0 or not lines:
-            print(json.dumps({"bench": bench, "config": cfg, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}))
+            print(json.dumps({"bench": bench, "config": cfg, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}),
+                  flush=True)
             continue
         for line in lines:  # a configuration may report several results (each with its own name)
             print(line, flush=True)

@@ -135,3 +135,31 @@ def test_gguf_types_budget_below_q4_0_is_refused():
     with pytest.raises(Exception, match="unknown GGML type 'gguf-q7_k'"):
         APTQ(bpw=5.0, formats=["gguf-q7_k"])
     assert APTQ(bpw=5.0, formats=["gguf-q4_k", "iq4_nl"]).formats == ["Q4_K", "IQ4_NL"]
+
+
+def test_aptq_over_ggml_types_to_a_file_bytes_budget(tmp_path, tokenizer):
+    """Whole-file budget: the GGUF file's tensor data (planned linears, the embedding at its type,
+    norms F32) stays within --bytes, and the plan mixes types; with the RTN quantizer too."""
+    from pocketlm import compress
+    from pocketlm.export import gguf as G
+    from pocketlm.quant.ggml import get_type
+
+    windows = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    for quantizer in ("gptq", "rtn"):
+        m = make_tiny(layers=2, hidden=256, inter=512, heads=4, kv_heads=4, head_dim=64, vocab=512)
+        emb = 512 * 256 // 32 * get_type("Q8_0").type_size
+        norms = sum(p.numel() * 4 for p in m.parameters() if p.dim() == 1)
+        linears = sum(mod.weight.numel() for n, mod in m.named_modules()
+                      if isinstance(mod, torch.nn.Linear) and ".layers." in n)
+        budget = emb + norms + int(linears * 5.0 / 8)  # 5 bpw for the linears
+        stage = {"method": "aptq", "bytes": budget, "formats": ["q8_0", "q6_k", "q4_k", "iq4_nl", "q3_k"],
+                 "embed": "q8_0", "sensitivity": "hessian", "quantizer": quantizer, "analysis_windows": 2}
+        res = compress(m, {"stages": [stage]}, calibration=windows)
+        quant = res.context.quant
+        assert quant["model.embed_tokens"].type == "Q8_0"
+        assert len({r.type for n, r in quant.items() if n != "model.embed_tokens"}) >= 2
+        from gguf import GGUFReader
+
+        G.write(m, tokenizer, tmp_path / f"{quantizer}.gguf", quant)  # (a small vocabulary: bytes only, not run)
+        data = sum(int(t.n_bytes) for t in GGUFReader(str(tmp_path / f"{quantizer}.gguf")).tensors)
+        assert budget * 0.97 < data <= budget

@@ -77,19 +77,9 @@ def test_aptq_on_gguf_types_exports_one_type_per_tensor(tmp_path, tokenizer):
     assert (cpp - ours).std() < 0.02
 
 
-def _tiny_wide(hidden=256, inter=512, heads=4, head_dim=64, layers=1, tied=True):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=hidden, intermediate_size=inter,
-                               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                               head_dim=head_dim, max_position_embeddings=512, tie_word_embeddings=tied)
-    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.08)
-    return m
+def _tiny_wide(hidden=256, inter=512, heads=4, head_dim=64, tied=True):
+    """One layer whose rows take the super-block types (multiples of 256 inputs)."""
+    return make_tiny(layers=1, hidden=hidden, inter=inter, heads=heads, kv_heads=heads, head_dim=head_dim, tied=tied)
 
 
 @pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_xs", "iq4_nl"])

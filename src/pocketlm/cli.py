@@ -61,7 +61,8 @@ def compress(
     eval_windows: int = typer.Option(4, help="WikiText-2 windows to measure base vs compressed (0: skip)"),
     eval_len: int = typer.Option(2048, help="tokens per evaluation window"),
     bpw: Optional[float] = typer.Option(None, help="budget in effective bits per weight (aptq)"),
-    nbytes: Optional[int] = typer.Option(None, "--bytes", help="budget in bytes of the whole model (aptq)"),
+    nbytes: Optional[str] = typer.Option(None, "--bytes", help="budget in bytes of the whole model's tensors "
+                                                               "(aptq, gguf): 95000000, 95MB or 90MiB"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
     device: str = typer.Option("cpu", help="where to compress: cpu, cuda or cuda:N"),
 ):
@@ -70,12 +71,12 @@ def compress(
     from .context import CalibrationConfig
     from .measure import perplexity
     from .pipeline import compress as run
-    from .recipe import from_yaml, preset as get_preset, with_budget
+    from .recipe import from_yaml, parse_bytes, preset as get_preset, with_budget
 
     if (recipe is None) == (preset is None):
         raise PocketError("give exactly one of --recipe FILE or --preset NAME")
     rec = from_yaml(recipe) if recipe else get_preset(preset)
-    rec = with_budget(rec, bpw, nbytes)
+    rec = with_budget(rec, bpw, parse_bytes(nbytes) if nbytes is not None else None)
     if out_dir.exists() and not overwrite:
         raise PocketError(f"{out_dir} already exists; choose another --out or pass --overwrite")
     if calib_windows < 1 or calib_len < 2:

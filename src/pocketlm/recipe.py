@@ -90,6 +90,20 @@ def from_yaml(path: str | Path) -> Recipe:
     return from_dict(data, str(path))
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'95000000', '95MB' (10^6) or '90MiB' (2^20) -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _UNITS:
+        raise PocketError(f"--bytes '{text}' is not a size; write e.g. 95000000, 95MB or 90MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
 def with_budget(recipe: Recipe, bpw: float | None = None, nbytes: int | None = None) -> Recipe:
     """Set the budget of every stage that takes one (APTQ's bpw or bytes)."""
     if bpw is None and nbytes is None:

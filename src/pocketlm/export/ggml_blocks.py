@@ -68,39 +68,30 @@ def format_for(spec: QuantSpec) -> BlockFormat | None:
     return None
 
 
-def _nibbles(q: np.ndarray) -> np.ndarray:
-    """(n, 32) codes -> (n, 16) bytes: low nibble element j, high nibble element j + 16."""
-    return (q[:, :16] & 0x0F) | ((q[:, 16:] & 0x0F) << 4)
-
-
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, fmt: BlockFormat) -> np.ndarray:
     """Codes (d_out, d_in) in [0, 2^b), per-group scales and zero points (d_out, d_in / 32) ->
-    the tensor's bytes, shaped (d_out, d_in / 32 * block_bytes)."""
+    the tensor's bytes, shaped (d_out, d_in / 32 * block_bytes), written by the GGML type's own
+    packer (``quant.ggml``)."""
+    from ..quant.ggml import get_type
+
     d_out, d_in = codes.shape
     if d_in % BLOCK:
         raise PocketError(f"{fmt.name} needs rows that are a multiple of {BLOCK} inputs, got {d_in}")
-    n = d_out * d_in // BLOCK
-    q = codes.to(torch.int32).numpy().reshape(n, BLOCK)
-    s = scales.float().numpy().reshape(n, 1)
-    z = zeros.float().numpy().reshape(n, 1)
-    d = s.astype(np.float16)
-    if not np.array_equal(d.astype(np.float32), s):
+    s = scales.float().reshape(-1)
+    z = zeros.float().reshape(-1)
+    if not torch.equal(s.to(torch.float16).float(), s):
         raise PocketError(f"{fmt.name}: scales are not float16 values; quantize with a 16-bit scale grid")
-    parts = [d.view(np.uint8)]
+    q = codes.long().reshape(-1, BLOCK)
     if fmt.sym:
         mid = 2 ** (fmt.bits - 1)
-        if not np.all(z == mid):
+        if not torch.all(z == mid):
             raise PocketError(f"{fmt.name} stores symmetric codes (zero point {mid}); this grid is asymmetric")
+        params = {"d": s}
+        if fmt.bits == 8:  # Q8_0's levels are -127..127: index = code - 128 + 127
+            q = q - 1
     else:
-        parts.append((-s * z).astype(np.float16).view(np.uint8))
-    if fmt.bits == 8:
-        parts.append((q - 128).astype(np.int8).view(np.uint8))
-    else:
-        if fmt.bits == 5:
-            hi = ((q >> 4) & 1).astype(np.uint8)
-            parts.append(np.packbits(hi, axis=-1, bitorder="little"))
-        parts.append(_nibbles(q).astype(np.uint8))
-    return np.concatenate(parts, axis=-1).reshape(d_out, -1)
+        params = {"d": s, "m": (-s * z).to(torch.float16).float()}
+    return get_type(fmt.name).pack(q, params).reshape(d_out, -1)
 
 
 def unpack_codes(data: np.ndarray, d_in: int, fmt: BlockFormat) -> np.ndarray:

@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 from ..calibrate import LayerView, run_layerwise
 from ..errors import PocketError
 from ..stages import Stage, register
-from ..stats import HessianProcessor
+from ..stats import HessianProcessor, head_importance
 from .allocate import allocate
 from .ggml import fallback, get_type, quantize_matrix
 from .gptq import GPTQProcessor, gptq_ggml, gptq_widths
@@ -37,9 +37,11 @@ class SensitivityProcessor(HessianProcessor):
     modifies_layer = False
 
     def __init__(self, select, specs: list[QuantSpec], mode: str, attention: list[str], grad_windows: int,
-                 act_order: bool = True, damp: float = 0.01, device: str = "cpu", targets=None):
+                 act_order: bool = True, damp: float = 0.01, device: str = "cpu", targets=None,
+                 quantizer: str = "gptq", head: bool = False):
         super().__init__(select)
-        self.targets = targets
+        self.targets, self.quantizer, self._want_head, self.head = targets, quantizer, head, None
+        self.imatrix: dict[str, torch.Tensor] = {}
         self.specs, self.mode, self.attention = specs, mode, attention
         self.grad_windows, self.act_order, self.damp, self.device = grad_windows, act_order, damp, device
         self.costs: dict[str, dict[str, float]] = {}
@@ -53,6 +55,7 @@ class SensitivityProcessor(HessianProcessor):
         for name in names:
             W = layer.linears[name].weight.detach().float()
             H = self.hessian(name)
+            self.imatrix[name] = torch.diag(H).cpu() / 2  # each input's mean square
             self.shapes[name] = tuple(W.shape)
             self.params[name] = W.numel()
             row = {}
@@ -72,7 +75,10 @@ class SensitivityProcessor(HessianProcessor):
             Hq = (curv[name].A if aware else H).to(self.device)
             if isinstance(self.specs[0], str):  # GGML types: GPTQ on each type this linear's rows take
                 for t in ggml_options(self.specs, W.shape[1]):
-                    dW = W - gptq_ggml(W, Hq, t, percdamp=self.damp, act_order=self.act_order)[0].to(W.device)
+                    if self.quantizer == "rtn":
+                        dW = W - quantize_matrix(W, t, self.imatrix[name])[0].to(W.device)
+                    else:
+                        dW = W - gptq_ggml(W, Hq, t, percdamp=self.damp, act_order=self.act_order)[0].to(W.device)
                     row[t] = curv[name].cost(dW) if self.mode == "attention" else float(((dW @ H) * dW).sum())
                 self.costs[name] = row
                 continue
@@ -84,6 +90,10 @@ class SensitivityProcessor(HessianProcessor):
                     row[s.label()] = curv[name].cost(dW) if self.mode == "attention" else float(((dW @ H) * dW).sum())
             self.costs[name] = row
         self.release_layer()
+
+    def finish(self, adapter, hidden) -> None:
+        if self._want_head:
+            self.head = head_importance(adapter, hidden)
 
 
 def ggml_options(types: list[str], d_in: int) -> list[str]:
@@ -149,6 +159,9 @@ class APTQ(Stage):
                             "layers, or random projections (per-layer Gauss-Newton)")
     blocksize: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0)
+    quantizer: Literal["gptq", "rtn"] = Field("gptq", description="how each linear is put on its planned grid (and "
+                                              "its cost measured): GPTQ, or importance-weighted RTN (GGML "
+                                              "formats only; one analysis pass, no GPTQ pass)")
 
     needs_calibration = True
 
@@ -164,6 +177,8 @@ class APTQ(Stage):
             if not self.formats:
                 raise ValueError("formats needs at least one GGML type")
             self.formats = [get_type(f).name for f in self.formats]
+        if self.quantizer == "rtn" and self.formats is None:
+            raise ValueError("quantizer rtn needs formats (GGML types)")
         if self.embed is not None:
             if self.formats is None:
                 raise ValueError("embed needs formats (GGML types)")
@@ -233,8 +248,10 @@ class APTQ(Stage):
 
             targets = loss_gradients(ctx.model, windows[: self.grad_windows],
                                      labels="model" if self.target == "kl" else "data")
+        rtn = self.quantizer == "rtn"
         ana = SensitivityProcessor(self.selects, specs, self.sensitivity, self.attention, self.grad_windows,
-                                   self.act_order, self.damp, ctx.device, targets)
+                                   self.act_order, self.damp, ctx.device, targets, self.quantizer,
+                                   head=rtn and self.embed is not None)
         run_layerwise(ctx.model, windows[: self.analysis_windows], ana, offload=ctx.calibration.offload,
                       description="aptq analysis")
         if self.formats is not None:  # per linear, the types its rows take
@@ -245,11 +262,20 @@ class APTQ(Stage):
             options = [[(s.storage_bits(*ana.shapes[n]), ana.costs[n][s.label()]) for s in specs] for n in names]
         plan = allocate(options, budget)
         chosen = {n: per[n][j] for n, j in zip(names, plan)}
-        curvature = attention_hessians(self.attention, self.selects, self.grad_windows, targets) \
-            if self.sensitivity == "attention" else None
-        proc = GPTQProcessor(ctx, self.selects, chosen.__getitem__, self.act_order, self.blocksize, self.damp,
-                             curvature=curvature, method="aptq", head=self.embed is not None)
-        run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="aptq gptq")
+        if rtn:  # importance-weighted RTN onto the planned types, statistics of the analysis pass
+            for n in names:
+                lin = ctx.module(n)
+                with torch.no_grad():
+                    deq, gw, _, _ = quantize_matrix(lin.weight, chosen[n], ana.imatrix[n])
+                    lin.weight.copy_(deq.to(lin.weight.dtype))
+                ctx.record_ggml(n, gw, method="aptq")
+            proc = ana
+        else:
+            curvature = attention_hessians(self.attention, self.selects, self.grad_windows, targets) \
+                if self.sensitivity == "attention" else None
+            proc = GPTQProcessor(ctx, self.selects, chosen.__getitem__, self.act_order, self.blocksize, self.damp,
+                                 curvature=curvature, method="aptq", head=self.embed is not None)
+            run_layerwise(ctx.model, windows, proc, offload=ctx.calibration.offload, description="aptq gptq")
         if self.embed is not None:
             emb = ctx.adapter.embed
             t = fallback(self.embed, emb.weight.shape[1])

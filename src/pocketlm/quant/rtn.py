@@ -118,6 +118,9 @@ class Imatrix(QuantStage):
 
     method: Literal["imatrix"] = "imatrix"
     format: str = Field("gguf-iq4_nl", description="the default GGML type")
+    sequential: bool = Field(True, description="statistics of each layer from the quantized earlier layers (one "
+                                               "more pass per layer); false: all from the float model in one pass, "
+                                               "as llama-imatrix does")
 
     needs_calibration = True
 
@@ -133,8 +136,12 @@ class Imatrix(QuantStage):
                     self.quantize_ggml(ctx, name, imatrix[name])
                     done.append(name)
 
-        proc = ImatrixProcessor(self.selects, quantize, head=self.embed is not None)
+        proc = ImatrixProcessor(self.selects, quantize if self.sequential else None, head=self.embed is not None)
         run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="imatrix")
+        if not self.sequential:
+            for name, h in proc.imatrix.items():
+                self.quantize_ggml(ctx, name, h)
+                done.append(name)
         if self.embed:
             self.quantize_ggml(ctx, EMBED, proc.head)
         return {"linears": len(done), "types": self.type_report(ctx)}
