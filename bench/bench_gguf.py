@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ondevice import gguf_sizes, gguf_types, run_bench, score_gguf  # noqa: E402
-from common import RESULTS, calibrated_main, emit, eval_fields  # noqa: E402
+from common import RESULTS, _replace_line, calibrated_main, emit, eval_fields  # noqa: E402
 
 PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"]
 CONFIGS = [*[f"llama.cpp-{p}" for p in PRESETS], *[f"gptq-like-{p}" for p in PRESETS],
@@ -217,8 +217,9 @@ def speed(names: list[str], rounds: int = 3) -> None:
             for k in ("pp_tok_s", "tg_tok_s"):
                 b[k] = max(b[k], sp[k])
     for n in names:
-        emit({"bench": "gguf-speed", "config": n, "file": rows[n]["file"], "rounds": rounds, **best[n],
-              "bench_threads": THREADS})
+        line = emit({"bench": "gguf-speed", "config": n, "file": rows[n]["file"], "rounds": rounds, **best[n],
+                     "bench_threads": THREADS})
+        _replace_line(RESULTS / "gguf_speed.jsonl", n, line)
 
 
 if __name__ == "__main__":
