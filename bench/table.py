@@ -75,7 +75,7 @@ def versus() -> None:
         dk, sk = _diff(r["window_kl"], b["window_kl"])
         dn, sn = _diff(r["window_nll"], b["window_nll"])
         print(f"| {r['config']} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | {r['kl']:.4f} | {b['config']} | "
-              f"{b['bytes'] / 2**20:.2f} | {b['ppl']:.3f} | {b['kl']:.4f} | {dk:+.4f} +- {sk:.4f} | "
+              f"{b['bytes'] / 2**20:.2f} | {b['ppl']:.3f} | {b['kl']:.4f} | {dk:+.5f} +- {sk:.5f} | "
               f"{dn:+.4f} +- {sn:.4f} |")
 
 
@@ -104,7 +104,10 @@ def plot() -> None:
                 ax.annotate(c.removeprefix("llama.cpp-"), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("GGUF file size (MiB)")
         ax.set_ylabel(label)
-        ax.set_yscale("log")
+        if key == "kl":
+            ax.set_yscale("log")
+        else:
+            ax.axhline(rows[0]["base_ppl"], color="black", ls="--", lw=0.8, label="float model")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("SmolLM2-135M-Instruct in llama.cpp: quality against file size")
