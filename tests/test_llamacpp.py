@@ -124,7 +124,7 @@ def test_fallback_matches_llama_cpps_quantizer(tmp_path, tokenizer):
 
     from pocketlm.quant.ggml import fallback
 
-    cases = [_tiny_wide(576, 1536, 9, 64), _tiny_wide(640, 2048, 14, 64)]  # o_proj inputs 576 and 896
+    cases = [_tiny_wide(576, 1536, 9, 64), _tiny_wide(640, 2048, 8, 112)]  # o_proj inputs 576 and 896
     for k, m in enumerate(cases):
         src = tmp_path / f"f{k}.gguf"
         G.write(m, tokenizer, src, linear_type="F32", embed_type="F32")
