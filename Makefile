@@ -43,6 +43,8 @@ bench: install  # several hours on 2 CPU cores; each script also runs alone (see
 	$(PY) bench/bench_ondevice.py
 	$(PY) bench/bench_ondevice.py --speed
 	$(PY) bench/bench_ondevice.py --plot
+	$(PY) bench/bench_gguf.py
+	$(PY) bench/table.py gguf --plot
 
 clean:
 	rm -rf $(VENV) demo-out
