@@ -56,6 +56,7 @@ class ImatrixProcessor(LayerProcessor):
         self.modifies_layer = quantize is not None
         self._sum: dict[str, torch.Tensor] = {}
         self._count: dict[str, int] = {}
+        self._alias: dict[str, str] = {}
         self.imatrix: dict[str, torch.Tensor] = {}
         self.head: torch.Tensor | None = None
 
@@ -70,10 +71,15 @@ class ImatrixProcessor(LayerProcessor):
         else:
             self._sum[name], self._count[name] = sq, x.shape[0]
 
+    def share(self, name: str, source: str, x: torch.Tensor) -> None:
+        self._alias[name] = self._alias.get(source, source)  # same input tensor (q/k/v, gate/up): count it once
+
     def process(self, layer) -> None:
         got = {n: self._sum[n] / self._count[n] for n in self._sum}
+        got.update({n: got[src] for n, src in self._alias.items()})
         self._sum.clear()
         self._count.clear()
+        self._alias.clear()
         self.imatrix.update(got)
         if self._quantize is not None:
             self._quantize(layer, got)
