@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pocketlm import PocketError
+from pocketlm import data
 from pocketlm.data import _bundled_path, calibration_windows, eval_windows, load_text, sha256
 
 
@@ -26,3 +27,24 @@ def test_calibration_windows_are_seeded_and_disjoint_from_eval(tokenizer):
     assert a.shape == (4, 64)
     with pytest.raises(PocketError, match="evaluation data"):
         calibration_windows(tokenizer, n=2, seq_len=64, text="wikitext2")
+
+
+class _BosTokenizer:
+    """A tokenizer that asks for BOS first (as Gemma's does): one id per character."""
+
+    add_bos_token, bos_token_id = True, 2
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True, verbose=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=torch.tensor([[10 + ord(c) % 50 for c in text]]))
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one():
+    tok = _BosTokenizer()
+    plain = data.tokenize(tok, data.load_text("wikitext2"))
+    w = data.eval_windows(tok, "wikitext2", 64, 3)
+    assert (w[:, 0] == 2).all() and torch.equal(w[:, 1:], plain[:192].view(3, 64)[:, 1:])
+    assert plain[0] != 2 and torch.equal(data.tokenize(tok, data.load_text("wikitext2"))[:64], plain[:64])
+    c = data.calibration_windows(tok, 4, 32)
+    assert (c[:, 0] == 2).all()

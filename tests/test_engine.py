@@ -4,7 +4,7 @@ from torch import nn
 from pocketlm.calibrate import LayerProcessor, run_layerwise
 from pocketlm.context import Context
 from pocketlm.quant.rtn import RTN
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, make_tiny_gemma3
 
 
 class Recorder(LayerProcessor):
@@ -36,8 +36,10 @@ def full_forward_inputs(model, windows):
 
 
 def test_engine_gives_each_linear_the_inputs_of_a_full_forward():
-    for arch in ("llama", "qwen2"):
-        model = make_tiny(arch, layers=3)
+    """Also for Gemma 3, whose sliding-window layers (window 16 < 40 tokens) get other masks and
+    rotary tables than its global layers: each layer must get its own."""
+    for arch in ("llama", "qwen2", "gemma3_text"):
+        model = make_tiny_gemma3(layers=3) if arch == "gemma3_text" else make_tiny(arch, layers=3)
         windows = torch.randint(0, 1000, (3, 40))
         rec = Recorder()
         run_layerwise(model, windows, rec)

@@ -168,3 +168,20 @@ def test_truncated_gguf_is_refused_by_the_runtime(tmp_path, tokenizer):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(PocketError):
         load(tmp_path / "cut.gguf")
+
+
+def test_gemma3_runs_in_llama_cpp_with_the_same_logits(tmp_path, tokenizer):
+    """Sandwich norms written plus one, per-layer sliding windows and rotary bases: llama.cpp's
+    gemma3 graph gives the PyTorch model's logits, in float and with pocketlm's own codes."""
+    from tests.conftest import make_tiny_gemma3
+
+    m = make_tiny_gemma3(layers=3)
+    G.write(m, tokenizer, tmp_path / "f32.gguf", linear_type="F32", embed_type="F32")
+    r = _torch_vs_cpp(m, tmp_path / "f32.gguf")
+    assert r.kl < 1e-5 and r.top1 == 1.0
+    res = compress(m, {"stages": [{"method": "imatrix", "format": "gguf-iq4_nl"}]}, calibration=WINDOWS)
+    G.write(m, tokenizer, tmp_path / "q.gguf", res.context.quant, embed_type="F32")
+    assert set(G.tensor_types_of(tmp_path / "q.gguf", m).values()) == {"IQ4_NL", "F32"}
+    same = _torch_vs_cpp(m, tmp_path / "q.gguf").kl
+    dense = _torch_vs_cpp(make_tiny_gemma3(layers=3), tmp_path / "q.gguf").kl
+    assert same < 0.1 * dense

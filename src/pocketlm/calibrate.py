@@ -66,6 +66,8 @@ class LayerView:
     linears: dict[str, nn.Linear]  # full names -> modules
     inputs: ActivationStore
     kwargs: dict = field(repr=False, default_factory=dict)
+    #: every layer's keyword arguments, by layer index (for methods that run later layers too)
+    all_kwargs: list = field(repr=False, default_factory=list)
 
     @property
     def device(self) -> torch.device:
@@ -110,32 +112,48 @@ class _Stop(Exception):
     pass
 
 
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer while inputs are captured: records the keyword arguments the
+    model passes to that layer (and layer 0's hidden states), computes nothing."""
+
+    def __init__(self, index: int, last: bool, seen: dict):
+        super().__init__()
+        self.index, self.last, self.seen = index, last, seen
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.index == 0:
+            self.seen["hidden"] = hidden_states
+        self.seen.setdefault("kwargs", {})[self.index] = kwargs
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
 def capture_inputs(adapter: ModelAdapter, windows: torch.Tensor, offload: bool = False):
-    """Inputs of decoder layer 0 for every window, and the keyword arguments the model passes
-    to its layers (position embeddings, masks), which are the same for windows of equal length."""
-    model, layer0 = adapter.model, adapter.layers[0]
+    """Inputs of decoder layer 0 for every window, and for each layer the keyword arguments the
+    model passes it (position embeddings, masks), which are the same for windows of equal length
+    but may differ between layers (sliding-window and global layers get different masks and
+    rotary tables). The layers are swapped for recorders meanwhile, so nothing is computed."""
+    model, layers = adapter.model, adapter.layers
     n, seq_len = windows.shape
     dev = next(model.parameters()).device
     store = ActivationStore(n, seq_len, model.config.hidden_size, model.dtype, offload)
-    captured = {}
-
-    def pre_hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured["hidden"] = hidden
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    handle = layer0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    seen: dict = {}
+    real = list(layers)
+    for i in range(len(real)):
+        layers[i] = _Recorder(i, i == len(real) - 1, seen)
     try:
         for i in range(n):
             try:
                 model(windows[i : i + 1].to(dev), use_cache=False)
             except _Stop:
                 pass
-            store[i] = captured["hidden"]
+            store[i] = seen["hidden"]
     finally:
-        handle.remove()
-    return store, captured["kwargs"]
+        for i, layer in enumerate(real):
+            layers[i] = layer
+    kwargs = [{k: v for k, v in seen["kwargs"][i].items() if k != "hidden_states"} for i in range(len(real))]
+    return store, kwargs
 
 
 def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProcessor,
@@ -158,7 +176,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
             for idx, layer in enumerate(adapter.layers):
                 prefix = f"{dec_prefix}.{idx}"
                 lin = {f"{prefix}.{k}": m for k, m in layer.named_modules() if isinstance(m, nn.Linear)}
-                view = LayerView(idx, prefix, layer, lin, inputs, kwargs)
+                view = LayerView(idx, prefix, layer, lin, inputs, kwargs[idx], kwargs)
                 last = {}  # the previous hooked input in this window, to detect shared inputs
                 handles = [m.register_forward_hook(_observer(processor, name, last))
                            for name, m in lin.items() if processor.wants(name)]

@@ -76,17 +76,37 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS token a tokenizer puts before every text (Gemma's do; Llama-3/SmolLM2's do not)."""
+    if not getattr(tokenizer, "add_bos_token", False):
+        return None
+    return getattr(tokenizer, "bos_token_id", None)
+
+
+def _with_bos(windows: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Each window's first token replaced by BOS when the tokenizer adds one, as llama.cpp's
+    perplexity and imatrix tools do (a model trained always to see BOS first degrades without
+    it); the scored tokens are unchanged."""
+    bos = bos_id(tokenizer)
+    if bos is None:
+        return windows
+    windows = windows.clone()
+    windows[:, 0] = bos
+    return windows
+
+
 def eval_windows(tokenizer, corpus: str = "wikitext2", seq_len: int = 2048,
                  max_windows: int | None = None) -> torch.Tensor:
     """Non-overlapping windows (stride = length) over the tokenized corpus: (n, seq_len).
-    A shorter run takes the first ``max_windows``; a trailing partial window is dropped."""
+    A shorter run takes the first ``max_windows``; a trailing partial window is dropped. With a
+    tokenizer that adds BOS, each window starts with it (see ``_with_bos``)."""
     ids = tokenize(tokenizer, load_text(corpus))
     n = ids.numel() // seq_len
     if n == 0:
         raise PocketError(f"{corpus} has {ids.numel()} tokens, fewer than one window of {seq_len}; use a shorter --seq-len")
     if max_windows is not None:
         n = min(n, max_windows)
-    return ids[: n * seq_len].view(n, seq_len)
+    return _with_bos(ids[: n * seq_len].view(n, seq_len), tokenizer)
 
 
 def calibration_windows(tokenizer, n: int = 128, seq_len: int = 2048, text: str = DEFAULT_CALIBRATION,
@@ -99,7 +119,7 @@ def calibration_windows(tokenizer, n: int = 128, seq_len: int = 2048, text: str 
         raise PocketError(f"calibration text has {ids.numel()} tokens, not more than one window of {seq_len}")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (n,), generator=g)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return _with_bos(torch.stack([ids[s : s + seq_len] for s in starts.tolist()]), tokenizer)
 
 
 def sha256(path: str | os.PathLike) -> str:

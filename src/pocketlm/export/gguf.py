@@ -10,6 +10,9 @@ that format's grid, or written as F16/F32; norms are F32.
 llama.cpp's ``llama`` graph applies RoPE to interleaved pairs, transformers' Llama to the two
 halves of each head; as llama.cpp's own converter does, the rows of q_proj and k_proj are
 permuted within each head (rows carry their scales and codes along, so quantization is unchanged).
+Gemma 3 keeps its row order; its RMSNorms scale by (1 + w) where llama.cpp's scale by w, so its
+norm weights are written plus one, and its sliding-window layers and their rotary base are
+written per layer.
 """
 from __future__ import annotations
 
@@ -20,12 +23,15 @@ import numpy as np
 import torch
 
 from ..errors import PocketError
+from ..models import rope_theta
 from ..quant.ggml import TYPES, fallback, quantize_matrix
 from .ggml_blocks import format_for, pack
 
 #: transformers model_type -> llama.cpp architecture, and whether q/k rows need the RoPE permutation
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                 "qwen3": ("qwen3", False)}
+                 "qwen3": ("qwen3", False), "gemma3_text": ("gemma3", False)}
+#: architectures whose RMSNorm multiplies by (1 + weight)
+UNIT_OFFSET_NORMS = ("gemma3_text",)
 FLOAT_TYPES = ("F16", "F32")
 #: general.file_type (llama_ftype) named after a file's most common tensor type
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
@@ -56,22 +62,26 @@ def _rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def _metadata(w, cfg, arch: str) -> None:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    theta = theta or getattr(cfg, "rope_theta", None) or 10000.0
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(getattr(cfg, "num_key_value_heads", cfg.num_attention_heads))
-    w.add_rope_freq_base(float(theta))
+    w.add_rope_freq_base(rope_theta(cfg))
     w.add_rope_dimension_count(head_dim)
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(cfg.vocab_size)
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+    types = getattr(cfg, "layer_types", None) or []
+    if getattr(cfg, "sliding_window", None) and "sliding_attention" in types:
+        w.add_sliding_window(int(cfg.sliding_window))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        w.add_rope_freq_base_swa(rope_theta(cfg, "sliding_attention"))
+    if getattr(cfg, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
 
 
 def _tokenizer_from_gguf(w, path: str) -> None:
@@ -118,6 +128,7 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     quant = quant or {}
     cfg = model.config
     permute = ARCHITECTURES[cfg.model_type][1]
+    norm_offset = 1.0 if cfg.model_type in UNIT_OFFSET_NORMS else 0.0
     n_kv = getattr(cfg, "num_key_value_heads", cfg.num_attention_heads)
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -141,7 +152,7 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
         n_head = cfg.num_attention_heads if lin.endswith("q_proj") else n_kv if lin.endswith("k_proj") else None
         rows = (lambda x: _rope_permute(x, n_head)) if permute and n_head else (lambda x: x)
         if t.dim() == 1:
-            w.add_tensor(gname, t.numpy().astype(np.float32))
+            w.add_tensor(gname, (t + norm_offset if gname.endswith("norm.weight") else t).numpy().astype(np.float32))
             types[gname] = "F32"
             continue
         want = embed_type if gname == "token_embd.weight" or gname == "output.weight" else linear_type

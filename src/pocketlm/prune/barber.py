@@ -128,9 +128,9 @@ class BarberProcessor(LayerProcessor):
         if self.judge is not None:
             confirm = lambda: self._confirm(layer, judged)  # noqa: E731
             if self.current is None:
-                self.current = self.judge.kl(layer.index, judged, layer.kwargs)
+                self.current = self.judge.kl(layer.index, judged, layer.all_kwargs)
                 self.kl.append(self.judge.mean(self.current))
-        for kind, norm, block in self.adapter.blocks(layer.module):
+        for kind, norm, block, post in self.adapter.blocks(layer.module):
             prefix = _name_of(layer, block)
             local = {n: m for n, m in block.named_modules() if f"{prefix}.{n}" in self.ctx.masks}
             if not local and kind == "mlp":
@@ -141,12 +141,12 @@ class BarberProcessor(LayerProcessor):
                 self._rebuild(block, local, prefix, feats[:n_grad], feats[n_grad:], layer.kwargs, kind, confirm)
             if kind == "attention":  # the MLP block sees the (rebuilt) attention's output
                 with torch.no_grad():
-                    x_in = [x.to(layer.device) + _call(block, f, layer.kwargs, kind) for x, f in zip(x_in, feats)]
+                    x_in = [x.to(layer.device) + post(_call(block, f, layer.kwargs, kind)) for x, f in zip(x_in, feats)]
 
     def _confirm(self, layer: LayerView, inputs: list[torch.Tensor]) -> bool:
         """Does the layer's current state lower the model's KL from the dense model, beyond the
         judge's margin? (``process`` measured the starting KL before the first swap.)"""
-        kl = self.judge.kl(layer.index, inputs, layer.kwargs)
+        kl = self.judge.kl(layer.index, inputs, layer.all_kwargs)
         if self.judge.better(kl, self.current):
             self.current = kl
             self.kl.append(self.judge.mean(kl))

@@ -41,15 +41,17 @@ class ModelJudge:
         #: tokens per chunk, in the order ``kl`` returns them
         self.counts = torch.tensor([r.shape[0] for ref in self.ref for r in ref], dtype=torch.float64)
 
-    def kl(self, start: int, inputs: list[torch.Tensor], kwargs: dict) -> torch.Tensor:
+    def kl(self, start: int, inputs: list[torch.Tensor], kwargs: list[dict]) -> torch.Tensor:
         """Mean KL(dense || model) per token of each chunk, from decoder layer ``start``'s
-        ``inputs`` (one per held-out window, in the order the windows were given)."""
+        ``inputs`` (one per held-out window, in the order the windows were given); ``kwargs``
+        the keyword arguments of every layer, by index."""
         out = []
         with torch.no_grad():
             for x, ref in zip(inputs, self.ref):
                 h = x
-                for layer in self.adapter.layers[start:]:
-                    o = layer(h.to(next(layer.parameters()).device), **kwargs)
+                for k in range(start, len(self.adapter.layers)):
+                    layer = self.adapter.layers[k]
+                    o = layer(h.to(next(layer.parameters()).device), **kwargs[k])
                     h = o[0] if isinstance(o, tuple) else o
                 h = self.adapter.norm(h)[0]
                 for c, r in zip(range(0, h.shape[0], self.chunk), ref):
