@@ -74,15 +74,26 @@ def calib_windows(n: int):
     return tok, calibration_windows(tok, n, 2048)
 
 
+def calib_text(n: int) -> Path:
+    """The calibration windows decoded to text for llama-imatrix (which puts BOS first in each
+    chunk itself, so a BOS pocketlm put first is left out)."""
+    from pocketlm.data import bos_id
+
+    tok, w = calib_windows(n)
+    if bos_id(tok) is not None:
+        w = w[:, 1:]
+    text = DIR / f"calib{n}.txt"
+    text.write_text("".join(tok.decode(row) for row in w.tolist()))
+    return text
+
+
 def imatrix(n: int) -> tuple[Path, float]:
     """llama-imatrix over the calibration windows (decoded to text); returns (file, seconds)."""
     out = DIR / f"imatrix-calib{n}.gguf"
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file():
         return out, json.loads(meta.read_text())["seconds"]
-    tok, w = calib_windows(n)
-    text = DIR / f"calib{n}.txt"
-    text.write_text("".join(tok.decode(row) for row in w.tolist()))
+    text = calib_text(n)
     t = time.perf_counter()
     subprocess.run([str(tools() / "llama-imatrix"), "-m", str(float_gguf()), "-f", str(text), "-o", str(out),
                     "-c", "2048", "-b", "2048", "--chunks", str(n), "-t", str(THREADS), "--no-ppl"],
@@ -227,6 +238,38 @@ def autoround(preset: str, n_calib: int) -> tuple[Path, dict]:
                  "compress_s": round(json.loads(meta.read_text())["seconds"], 1)}
 
 
+def timing(preset: str, n_calib: int) -> None:
+    """Wall-clock time, one after the other in this process on the same calibration tokens, of
+    llama.cpp's importance-matrix path (llama-imatrix, then llama-quantize) and of pocketlm's
+    (model load, importance-weighted RTN or GPTQ into the same tensor types, GGUF written)."""
+    import tempfile
+
+    imat_keep, _ = imatrix(n_calib)  # the types of the file pocketlm's rows copy
+    like, _ = llama_quantize(preset, imat_keep)
+    text = calib_text(n_calib)
+    with tempfile.TemporaryDirectory(dir=DIR) as d:
+        t = time.perf_counter()
+        subprocess.run([str(tools() / "llama-imatrix"), "-m", str(float_gguf()), "-f", str(text), "-o",
+                        f"{d}/imatrix.gguf", "-c", "2048", "-b", "2048", "--chunks", str(n_calib), "-t", str(THREADS),
+                        "--no-ppl"], check=True, capture_output=True)
+        imat_s = time.perf_counter() - t
+        t = time.perf_counter()
+        subprocess.run([str(tools() / "llama-quantize"), "--imatrix", f"{d}/imatrix.gguf", str(float_gguf()),
+                        f"{d}/q.gguf", preset, str(THREADS)], check=True, capture_output=True)
+        quant_s = time.perf_counter() - t
+    mine = {}
+    for method in ("imatrix", "gptq"):
+        t = time.perf_counter()
+        pocketlm_like(method, preset, n_calib)
+        mine[method] = time.perf_counter() - t
+    llama = imat_s + quant_s
+    emit({"bench": f"{BENCH}-time", "config": f"timing-{preset}", "model": MODEL, "calib_windows": n_calib,
+          "llama_imatrix_s": round(imat_s, 1), "llama_quantize_s": round(quant_s, 1), "llama_total_s": round(llama, 1),
+          "pocketlm_imatrix_s": round(mine["imatrix"], 1), "pocketlm_gptq_s": round(mine["gptq"], 1),
+          "imatrix_ratio": round(mine["imatrix"] / llama, 2), "gptq_ratio": round(mine["gptq"] / llama, 2),
+          "torch_threads": THREADS})
+
+
 def one(name: str, windows: int, n_calib: int) -> None:
     DIR.mkdir(parents=True, exist_ok=True)
     if name.startswith("llama.cpp-"):
@@ -238,6 +281,8 @@ def one(name: str, windows: int, n_calib: int) -> None:
         measure(name, path, windows, {"source": "llama.cpp", "method": "llama-quantize" + ("" if plain else
                 " --imatrix"), "type": preset, "calib_windows": 0 if plain else n_calib,
                 "imatrix_s": round(imat_s, 1), "quantize_s": round(q_s, 1)})
+    elif name.startswith("timing-"):
+        timing(name.removeprefix("timing-"), n_calib)
     elif name.startswith("autoround-"):
         path, extra = autoround(name.removeprefix("autoround-"), n_calib)
         measure(name, path, windows, extra)

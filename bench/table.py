@@ -5,6 +5,7 @@ or compare two of its configurations window by window.
     python bench/table.py gptq --paired A B    # B minus A: mean per-window NLL and KL, with standard errors
     python bench/table.py gguf --versus        # each llama.cpp file against pocketlm's best file of no more bytes
     python bench/table.py gguf --plot          # bench/results/gguf.png: KL and perplexity against file size
+    python bench/table.py gguf --timing        # llama.cpp's imatrix path and pocketlm's, wall-clock
     python bench/table.py gguf-gemma3-270m --versus   # the same on another model's results
 """
 from __future__ import annotations
@@ -40,11 +41,24 @@ def cell(key: str, v) -> str:
 
 def main(name: str) -> None:
     cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
-    rows = [json.loads(line) for line in (RESULTS / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in _rows(name) if r.get("bench", name) == name]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
     for r in rows:
         print("| " + " | ".join(cell(k, r.get(k)) for k, _ in cols) + " |")
+
+
+def timing(name: str = "gguf") -> None:
+    """Wall-clock seconds of llama.cpp's importance-matrix path and pocketlm's, run one after the
+    other on the same calibration tokens (``bench_gguf.py --only timing-PRESET``)."""
+    rows = [r for r in _rows(name) if r.get("bench") == f"{name}-time"]
+    print("| llama.cpp types | llama-imatrix s | llama-quantize s | llama.cpp total s | pocketlm imatrix s "
+          "| ratio | pocketlm GPTQ s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['config'].removeprefix('timing-')} | {r['llama_imatrix_s']} | {r['llama_quantize_s']} | "
+              f"{r['llama_total_s']} | {r['pocketlm_imatrix_s']} | {r['imatrix_ratio']} | {r['pocketlm_gptq_s']} | "
+              f"{r['gptq_ratio']} |")
 
 
 def _diff(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -152,6 +166,8 @@ if __name__ == "__main__":
         paired(sys.argv[1], sys.argv[3], sys.argv[4])
     elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--versus":
         versus(sys.argv[1])
+    elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--timing":
+        timing(sys.argv[1])
     elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--plot":
         plot(sys.argv[1])
     else:
