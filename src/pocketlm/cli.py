@@ -33,11 +33,18 @@ def _bytes(n) -> str:
 @app.command()
 def info(model: str = typer.Argument("smollm2-135m", help="built-in name, .gguf file, model directory or hub id"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Architecture, parameters, layers, heads, KV heads, rope base and bytes of a model."""
+    """Architecture, parameters, layers, heads, KV heads, rope base and bytes of a model, and
+    the context length its rope base supports (Xu et al., 2024: B(m) >= 0 up to that length)."""
     from . import models
+
+    from . import rope
 
     m, _, src = models.load(model)
     d = models.info(m, src)
+    r = rope.report(m.config)
+    d["rope_supported_context"] = r["supported_context"]
+    if "supported_context_sliding" in r:
+        d["rope_supported_context_sliding"] = r["supported_context_sliding"]
     if as_json:
         print(json.dumps(d, indent=2))
         return
@@ -123,6 +130,17 @@ def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path) -> 
     out.print(f"wrote {path} ({_bytes(man['bytes_on_disk'])} on disk as {form})")
 
 
+def _warn_context(config, seq_len: int) -> None:
+    """One line on stderr when a window is longer than the context the model's rope base supports."""
+    from . import rope
+
+    r = rope.report(config)
+    if seq_len > r["supported_context"]:
+        typer.echo(f"warning: {seq_len} tokens exceed the {r['supported_context']} that rope base "
+                   f"{r['rope_theta']:g} supports at head dim {r['head_dim']} (Xu et al., 2024); "
+                   f"long-range attention may degrade", err=True)
+
+
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Argument(..., help="built-in name, .gguf file, model directory or hub id"),
@@ -153,6 +171,7 @@ def eval_cmd(
         tok = models.load_tokenizer(src)
     else:
         m, tok, _ = models.load(model, dtype=dtype)
+    _warn_context(models.load_config(model), seq_len)
     ref = models.load(kl_against, dtype=dtype)[0] if kl_against else None
     r = perplexity(m, tok, ppl, seq_len, windows, reference=ref)
     d = r.to_dict()
