@@ -164,18 +164,18 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
 
 
 def _is_compressed(path: str) -> bool:
-    from .export import compressed
+    from .checkpoint import is_checkpoint
 
-    return compressed.is_checkpoint(path)
+    return is_checkpoint(path)
 
 
 def _load_compressed(path: str, dtype: torch.dtype) -> nn.Module:
     """A compressed-tensors checkpoint, unpacked to a plain float model (exact weights)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .export import compressed
+    from .checkpoint import read_weights
 
-    conf, state = compressed.read_weights(path)
+    conf, state = read_weights(path)
     config = AutoConfig.for_model(**conf)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)

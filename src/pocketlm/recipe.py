@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PocketError
 from .export import ExportTarget
-from .stages import REGISTRY, Stage, load_builtin_methods
+from .methods import load_builtin_methods
+from .stages import REGISTRY, Stage
 
 
 class Recipe(BaseModel):

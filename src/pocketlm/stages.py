@@ -2,7 +2,8 @@
 
 A method is a recipe stage: a pydantic model (so recipes validate it) registered under its
 ``method`` name, with a ``run(ctx)`` that compresses ``ctx.model`` in place. Adding a method
-is adding a module that defines one such class and decorates it with ``@register``.
+is adding a module that defines one such class and decorates it with ``@register`` (and
+naming it in ``methods.BUILTIN``).
 """
 from __future__ import annotations
 
@@ -45,9 +46,3 @@ class Stage(BaseModel):
     def run(self, ctx) -> dict:
         """Compress ``ctx.model`` in place; return a small summary for the report."""
         raise NotImplementedError
-
-
-def load_builtin_methods() -> None:
-    """Import the modules that register pocketlm's own methods."""
-    from .prune import barber, magnitude, shortgpt, sparsegpt, wanda  # noqa: F401
-    from .quant import aptq, gptq, rtn  # noqa: F401
