@@ -102,3 +102,26 @@ def test_budget_override_applies_to_aptq_only():
     assert preset("aptq").stages[0].bpw == 4.0  # the preset itself is untouched
     with pytest.raises(PocketError, match="no stage that takes a budget"):
         with_budget(preset("rtn-w8"), bpw=3.5)
+
+
+def test_methods_are_discovered_from_packages_and_entry_points(monkeypatch):
+    """Every module under prune/ and quant/ registers itself; a plugin's entry point adds a method
+    that recipes then accept by name."""
+    from typing import Literal
+
+    from pocketlm import methods, stages
+
+    class Plugin:
+        def load(self):
+            @stages.register
+            class Halve(stages.Stage):
+                method: Literal["halve-plugin"] = "halve-plugin"
+
+    monkeypatch.setattr(methods, "entry_points", lambda group: [Plugin()] if group == "pocketlm.methods" else [])
+    try:
+        methods.load_builtin_methods()
+        assert {"gptq", "rtn", "imatrix", "aptq", "wanda", "sparsegpt", "magnitude", "barber",
+                "remove-layers", "halve-plugin"} <= set(stages.REGISTRY)
+        assert from_dict({"stages": [{"method": "halve-plugin"}]}).stages[0].method == "halve-plugin"
+    finally:
+        stages.REGISTRY.pop("halve-plugin", None)

@@ -2,8 +2,8 @@
 
 A method is a recipe stage: a pydantic model (so recipes validate it) registered under its
 ``method`` name, with a ``run(ctx)`` that compresses ``ctx.model`` in place. Adding a method
-is adding a module that defines one such class and decorates it with ``@register`` (and
-naming it in ``methods.BUILTIN``).
+is adding a module under ``prune/`` or ``quant/`` that defines one such class and decorates it
+with ``@register`` (``methods`` finds it; other packages register through an entry point).
 """
 from __future__ import annotations
 
