@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import PocketError
+from .models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="Compress a Hugging Face causal LM into the best model that fits a device.")
@@ -31,7 +32,7 @@ def _bytes(n) -> str:
 
 
 @app.command()
-def info(model: str = typer.Argument("smollm2-135m", help="built-in name, .gguf file, model directory or hub id"),
+def info(model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, .gguf file, model directory or hub id"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
     """Architecture, parameters, layers, heads, KV heads, rope base and bytes of a model, and
     the context length its rope base supports (Xu et al., 2024: B(m) >= 0 up to that length)."""
@@ -182,7 +183,7 @@ def eval_cmd(
 
 @app.command()
 def analyze(
-    model: str = typer.Argument("smollm2-135m", help="built-in name, .gguf file, model directory or hub id"),
+    model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, .gguf file, model directory or hub id"),
     out_dir: Path = typer.Option(Path("analysis"), "--out", help="folder for sensitivity.json and the heat maps"),
     calib_windows: int = typer.Option(16, help="calibration windows"),
     calib_len: int = typer.Option(2048, help="tokens per calibration window"),

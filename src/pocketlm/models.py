@@ -295,11 +295,6 @@ class ModelAdapter:
         return self.decoder(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
-def linears(module: nn.Module) -> dict[str, nn.Linear]:
-    """All nn.Linear submodules, by name relative to ``module``."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, nn.Linear)}
-
-
 def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
     """Every linear inside the decoder layers, by full name (``model.layers.3.mlp.up_proj``)."""
     out = {}

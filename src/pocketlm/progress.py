@@ -11,11 +11,6 @@ _enabled = os.environ.get("POCKETLM_QUIET", "") == ""
 console = Console(stderr=True)
 
 
-def set_enabled(flag: bool) -> None:
-    global _enabled
-    _enabled = flag
-
-
 @contextmanager
 def bar(description: str, total: int):
     """Yields an ``advance(n=1, note=None)`` callable."""

@@ -10,9 +10,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FORMAT_NAMES = ("gguf", "compressed-tensors")
-
-
 class ExportTarget(BaseModel):
     """One file a recipe asks ``compress`` to write next to the model."""
 

@@ -28,7 +28,7 @@ from ..stages import Stage, register
 from ..stats import HessianProcessor
 from .judge import ModelJudge
 
-#: Defaults by the pruner that chose the masks (METHODS.md): (alpha, granularity).
+#: Defaults by the pruner that chose the masks (LLM-Barber, Su et al., 2024): (alpha, granularity).
 DEFAULTS = {"wanda": (0.01, "row"), "magnitude": (0.1, "block"), "sparsegpt": (0.1, "layer")}
 
 

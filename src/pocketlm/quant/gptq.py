@@ -1,6 +1,6 @@
 """GPTQ (Frantar et al., 2023): quantize a weight column by column, spreading each column's
 rounding error over the columns not yet quantized through the inverse Hessian of the layer's
-inputs, H = 2/N X X^T. See METHODS.md for the steps."""
+inputs, H = 2/N X X^T (their Algorithm 1: lazy batches of 128 columns, Cholesky of H^-1)."""
 from __future__ import annotations
 
 from typing import Literal
