@@ -3,15 +3,18 @@ or compare two of its configurations window by window.
 
     python bench/table.py prune
     python bench/table.py gptq --paired A B    # B minus A: mean per-window NLL and KL, with standard errors
-    python bench/table.py gguf --versus        # each llama.cpp file against pocketlm's best file of no more bytes
+    python bench/table.py gguf --versus [A,B]  # each llama.cpp/AutoRound file (or those named) against
+                                               # pocketlm's best file of no more bytes
     python bench/table.py gguf --plot          # bench/results/gguf.png: KL and perplexity against file size
     python bench/table.py gguf --timing        # llama.cpp's imatrix path and pocketlm's, wall-clock
     python bench/table.py gguf-gemma3-270m --versus   # the same on another model's results
+    python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -76,7 +79,7 @@ def _rows(name: str) -> list[dict]:
 ANCHORS = ("llama.cpp", "auto-round")
 
 
-def versus(name: str = "gguf") -> None:
+def versus(name: str = "gguf", only: list[str] | None = None) -> None:
     """For every file of another tool (llama.cpp, AutoRound): the pocketlm file with the lowest KL among those of no more
     bytes, and the paired difference over the evaluation windows (pocketlm minus llama.cpp)."""
     rows = [r for r in _rows(name) if "kl" in r]
@@ -84,7 +87,8 @@ def versus(name: str = "gguf") -> None:
     print("| other tool's file | MiB | perplexity | KL | pocketlm file | MiB | perplexity | KL | KL difference "
           "(paired, +- SE) | NLL difference |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in sorted((r for r in rows if r.get("source") in ANCHORS), key=lambda r: -r["bytes"]):
+    anchors = [r for r in rows if r.get("source") in ANCHORS and (not only or r["config"] in only)]
+    for r in sorted(anchors, key=lambda r: -r["bytes"]):
         fit = [m for m in mine if m["bytes"] <= r["bytes"]]
         if not fit:
             print(f"| {r['config']} | {r['bytes'] / 2**20:.2f} | {r['ppl']:.3f} | {r['kl']:.4f} | – | | | | | |")
@@ -161,14 +165,49 @@ def paired(name: str, a: str, b: str) -> None:
                           "b_below_a_in_windows": sum(v < 0 for v in d)}))
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[2] == "--paired":
-        paired(sys.argv[1], sys.argv[3], sys.argv[4])
-    elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--versus":
-        versus(sys.argv[1])
-    elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--timing":
-        timing(sys.argv[1])
-    elif len(sys.argv) == 3 and sys.argv[1].startswith("gguf") and sys.argv[2] == "--plot":
-        plot(sys.argv[1])
+def run(args: list[str]) -> None:
+    """One table (or plot) from its command-line arguments."""
+    if len(args) == 4 and args[1] == "--paired":
+        paired(args[0], args[2], args[3])
+    elif len(args) in (2, 3) and args[0].startswith("gguf") and args[1] == "--versus":
+        versus(args[0], args[2].split(",") if len(args) == 3 else None)
+    elif len(args) == 2 and args[0].startswith("gguf") and args[1] == "--timing":
+        timing(args[0])
+    elif len(args) == 2 and args[0].startswith("gguf") and args[1] == "--plot":
+        plot(args[0])
+    elif len(args) == 1:
+        main(args[0])
     else:
-        main(sys.argv[1])
+        raise SystemExit(__doc__)
+
+
+BLOCK = re.compile(r"(<!-- table: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def update_docs() -> None:
+    """Regenerate every table block of README.md and docs/*.md from bench/results/: a block is
+    ``<!-- table: ARGS -->`` ... ``<!-- /table -->``, its body the output of ``table.py ARGS``."""
+    import contextlib
+    import io
+
+    root = RESULTS.parent.parent
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = doc.read_text()
+
+        def fill(m: re.Match) -> str:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                run(m.group("args").split())
+            return m.group(1) + buf.getvalue() + m.group(4)
+
+        new = BLOCK.sub(fill, text)
+        if new != text:
+            doc.write_text(new)
+            print(f"updated {doc.relative_to(root)}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--update-docs"]:
+        update_docs()
+    else:
+        run(sys.argv[1:])
