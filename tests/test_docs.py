@@ -1,0 +1,40 @@
+"""The code in the docs runs as the docs say."""
+import re
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from pocketlm import compress, stages
+from tests.conftest import make_tiny
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _python_blocks(page: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+
+
+def test_adding_a_method_example_registers_and_compresses():
+    code = _python_blocks("adding-a-method.md")[0]
+    module = types.ModuleType("pocketlm_doc_ternary")
+    sys.modules[module.__name__] = module  # pydantic resolves the annotations through it
+    try:
+        exec(compile(code, "docs/adding-a-method.md", "exec"), module.__dict__)
+        assert stages.REGISTRY["ternary"] is module.Ternary
+        m = make_tiny(layers=2)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        res = compress(m, {"stages": [{"method": "ternary", "ratio": 0.7, "ignore": ["*.self_attn.*"]}]})
+        summary = res.stages[0]
+        assert summary["linears"] == 2 * 3 and 0.3 < summary["zero_fraction"] < 0.7
+        for name, p in m.named_parameters():
+            if ".mlp." in name:
+                for row in p.detach():
+                    vals = row.unique()
+                    assert len(vals) <= 3 and (vals == 0).any() and torch.allclose(vals.abs().max(), -vals.min())
+            else:
+                assert torch.equal(p, before[name]), name
+    finally:
+        stages.REGISTRY.pop("ternary", None)
+        sys.modules.pop(module.__name__, None)
