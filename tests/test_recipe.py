@@ -40,6 +40,15 @@ def test_unknown_method_and_bad_values():
         from_dict({"stage": []})
 
 
+@pytest.mark.parametrize("path", ["../victim.txt", "/tmp/victim.gguf", "a/../../b.gguf", "~/x.gguf", "", "."])
+def test_export_paths_cannot_leave_the_output_directory(path):
+    """A recipe is untrusted: its export paths are refused when it is read, before any work."""
+    with pytest.raises(PocketError, match="relative path inside the output directory"):
+        from_dict({"stages": [{"method": "rtn"}], "export": [{"format": "gguf", "path": path}]})
+    ok = from_dict({"stages": [{"method": "rtn"}], "export": [{"format": "gguf", "path": "g/m.gguf"}]})
+    assert ok.export[0].path == "g/m.gguf"
+
+
 def test_cli_recipe_typo_is_one_line(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("stages:\n  - method: rtn\n    group: 64\n")

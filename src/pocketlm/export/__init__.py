@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 
 class ExportTarget(BaseModel):
     """One file a recipe asks ``compress`` to write next to the model."""
@@ -20,6 +21,18 @@ class ExportTarget(BaseModel):
     embed_type: str = Field("F16", description="GGUF: type of the token embedding")
     path: str | None = Field(None, description="file or folder inside the output directory "
                                                "(default model.gguf / compressed-tensors)")
+
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, v: str | None) -> str | None:
+        """A recipe is untrusted input: its paths stay inside the output directory."""
+        if v is None:
+            return v
+        p = Path(v)
+        if not v.strip() or p.is_absolute() or v.startswith("~") or ".." in p.parts or p == Path("."):
+            raise ValueError(f"export path '{v}' must be a relative path inside the output directory "
+                             "(no absolute path, '~' or '..'), e.g. model.gguf or gguf/model.gguf")
+        return v
 
     def check(self, config, stages=()) -> None:
         """Refuse, before any work, a target this model or these stages cannot be written to."""
