@@ -313,16 +313,36 @@ def _quiet_foreign_bars() -> None:
     std.tqdm.__init__ = partialmethod(std.tqdm.__init__, disable=True)
 
 
+class Interrupted(BaseException):
+    """A signal that ends the run: raised from the handler so that every atomic writer on the
+    stack removes its partial output on the way out (click would swallow a KeyboardInterrupt)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    """Exit codes: 0 done, 2 bad input (one line on stderr), 128 + signal number when interrupted
+    (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP), with no partial output left behind."""
+    import signal
+
     _quiet_foreign_bars()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
     try:
         app()
     except PocketError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted; no output was written", file=sys.stderr)
-        sys.exit(130)
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"interrupted ({signal.Signals(signum).name}); no output was written", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
