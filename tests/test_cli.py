@@ -4,6 +4,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 
 def test_sigterm_during_export_exits_143_and_leaves_nothing(tmp_path):
     """SIGTERM (what kill and timeout send) in the middle of writing: the hidden partial file is
@@ -19,4 +21,21 @@ def test_sigterm_during_export_exits_143_and_leaves_nothing(tmp_path):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 143, err
     assert err.strip().splitlines()[-1] == "interrupted (SIGTERM); no output was written"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "smollm2-135m", "--windows", "0"], "--windows must be >= 1, got 0"),
+    (["eval", "smollm2-135m", "--seq-len", "1"], "--seq-len must be >= 2, got 1"),
+    (["eval", "smollm2-135m", "--seq-len", "100000"], "longer than the model's context (8192 tokens)"),
+    (["compress", "smollm2-135m", "--preset", "aptq", "--bpw", "nan", "--out", "OUT"], "--bpw must be between 1 and 16"),
+    (["compress", "smollm2-135m", "--preset", "rtn-w8", "--eval-len", "1", "--out", "OUT"], "--eval-len must be >= 2"),
+    (["analyze", "smollm2-135m", "--group-size", "0", "--out", "OUT"], "--group-size must be >= 1, got 0"),
+    (["bench", "x.gguf", "--reps", "0"], "--reps must be >= 1, got 0"),
+])
+def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, args, message):
+    args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
+    r = subprocess.run([sys.executable, "-m", "pocketlm.cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert message in r.stderr
     assert list(tmp_path.iterdir()) == []

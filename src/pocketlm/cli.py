@@ -27,6 +27,15 @@ def _fmt(v, nd=3):
     return str(v)
 
 
+def _check(name: str, value, lo, hi=None) -> None:
+    """A numeric option in its range (NaN and infinities refused), before any work."""
+    if value is None:
+        return
+    if value != value or value in (float("inf"), float("-inf")) or value < lo or (hi is not None and value > hi):
+        rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise PocketError(f"--{name} must be {rng}, got {value}")
+
+
 def _bytes(n) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
@@ -87,8 +96,11 @@ def compress(
     rec = with_budget(rec, bpw, parse_bytes(nbytes) if nbytes is not None else None)
     if out_dir.exists() and not overwrite:
         raise PocketError(f"{out_dir} already exists; choose another --out or pass --overwrite")
-    if calib_windows < 1 or calib_len < 2:
-        raise PocketError("--calib-windows must be >= 1 and --calib-len >= 2")
+    _check("calib-windows", calib_windows, 1)
+    _check("calib-len", calib_len, 2)
+    _check("eval-windows", eval_windows, 0)
+    _check("eval-len", eval_len, 2)
+    _check("bpw", bpw, 1, 16)
     device = models.check_device(device)
     t0 = time.perf_counter()
     m, tok, src = models.load(model, device=device)
@@ -161,6 +173,14 @@ def eval_cmd(
 
     if runtime not in ("auto", "transformers", "llama.cpp"):
         raise PocketError(f"unknown --runtime '{runtime}'; use transformers, llama.cpp or auto")
+    _check("windows", windows, 1)
+    _check("seq-len", seq_len, 2)
+    _check("threads", threads, 1)
+    config = models.load_config(model)
+    longest = getattr(config, "max_position_embeddings", None)
+    if longest and seq_len > longest:
+        raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); use at most {longest}")
+    _warn_context(config, seq_len)
     use_cpp = runtime == "llama.cpp" or (runtime == "auto" and model.endswith(".gguf"))
     if use_cpp:
         from .runtime.llamacpp import LlamaCppScorer
@@ -172,7 +192,6 @@ def eval_cmd(
         tok = models.load_tokenizer(src)
     else:
         m, tok, _ = models.load(model, dtype=dtype)
-    _warn_context(models.load_config(model), seq_len)
     ref = models.load(kl_against, dtype=dtype)[0] if kl_against else None
     r = perplexity(m, tok, ppl, seq_len, windows, reference=ref)
     d = r.to_dict()
@@ -198,6 +217,10 @@ def analyze(
     from . import analyze as ana
     from . import models
 
+    _check("calib-windows", calib_windows, 1)
+    _check("calib-len", calib_len, 2)
+    if group_size != -1:
+        _check("group-size", group_size, 1)
     if layers:
         if not 0 < remove_fraction < 1:
             raise PocketError("--remove-fraction must lie between 0 and 1")
@@ -270,6 +293,8 @@ def bench_cmd(
     """Prompt-processing and generation speed (tokens/s), file bytes, effective bpw and peak RSS of a GGUF file."""
     from .runtime.llamacpp import bench
 
+    for name, v in (("threads", threads), ("prompt", prompt), ("gen", gen), ("reps", reps)):
+        _check(name, v, 1)
     res = bench(model_file, threads, prompt, gen, reps)
     res["bpw"] = round(res["bytes"] * 8 / _gguf_params(model_file), 4)
     print(json.dumps(res))
@@ -291,6 +316,8 @@ def chat(
     """Chat with the model's own chat template; one message per line, an empty line or EOF ends."""
     from .runtime import chat as ch
 
+    _check("max-tokens", max_tokens, 1)
+    _check("threads", threads, 1)
     ch.run(model, max_tokens, system, threads)
 
 
