@@ -1,4 +1,5 @@
 """The pocketlm command: exit codes and what is left on disk."""
+import os
 import signal
 import subprocess
 import sys
@@ -39,3 +40,35 @@ def test_bad_numbers_are_one_line_errors_before_any_work(tmp_path, args, message
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
     assert message in r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    """An input as --out, the current directory, a directory where a file goes, a read-only
+    parent: one line each, before the model is loaded, and nothing changed on disk."""
+    import hashlib
+
+    src = tmp_path / "in.gguf"
+    (tmp_path / "adir").mkdir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    from pocketlm import models
+
+    src.write_bytes(open(models.resolve("smollm2-135m").describe(), "rb").read())
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    cases = [
+        (["export", str(src), "--out", str(src), "--overwrite"], "would replace the input"),
+        (["compress", "smollm2-135m", "--preset", "rtn-w8", "--out", ".", "--overwrite"], "current directory"),
+        (["export", "smollm2-135m", "--out", str(tmp_path / "adir"), "--overwrite"], "is a directory"),
+    ]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases.append((["export", "smollm2-135m", "--out", str(ro / "sub" / "x.gguf")], "not a writable directory"))
+    try:
+        for args, message in cases:
+            r = subprocess.run([sys.executable, "-m", "pocketlm.cli", *args], capture_output=True, text=True,
+                               timeout=120, cwd=tmp_path)
+            assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, (args, r.stderr)
+    finally:
+        ro.chmod(0o700)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "in.gguf", "ro"] and not list(ro.iterdir())

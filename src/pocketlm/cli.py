@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import PocketError
+from .fsutil import check_output
 from .models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
@@ -34,6 +35,11 @@ def _check(name: str, value, lo, hi=None) -> None:
     if value != value or value in (float("inf"), float("-inf")) or value < lo or (hi is not None and value > hi):
         rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise PocketError(f"--{name} must be {rng}, got {value}")
+
+
+def _local_inputs(*specs) -> list[str]:
+    """The files and folders among the given specs (built-in names and hub ids are not paths)."""
+    return [str(s) for s in specs if s is not None and Path(s).exists()]
 
 
 def _bytes(n) -> str:
@@ -94,8 +100,7 @@ def compress(
         raise PocketError("give exactly one of --recipe FILE or --preset NAME")
     rec = from_yaml(recipe) if recipe else get_preset(preset)
     rec = with_budget(rec, bpw, parse_bytes(nbytes) if nbytes is not None else None)
-    if out_dir.exists() and not overwrite:
-        raise PocketError(f"{out_dir} already exists; choose another --out or pass --overwrite")
+    check_output(out_dir, overwrite, "dir", inputs=_local_inputs(model, recipe))
     _check("calib-windows", calib_windows, 1)
     _check("calib-len", calib_len, 2)
     _check("eval-windows", eval_windows, 0)
@@ -175,6 +180,8 @@ def eval_cmd(
         raise PocketError(f"unknown --runtime '{runtime}'; use transformers, llama.cpp or auto")
     _check("windows", windows, 1)
     _check("seq-len", seq_len, 2)
+    if json_out:
+        check_output(json_out, True, "file", inputs=_local_inputs(model, kl_against))
     _check("threads", threads, 1)
     config = models.load_config(model)
     longest = getattr(config, "max_position_embeddings", None)
@@ -197,7 +204,10 @@ def eval_cmd(
     d = r.to_dict()
     print(json.dumps({"model": model, **d}))
     if json_out:
-        json_out.write_text(json.dumps({"model": model, **d}, indent=2))
+        from .fsutil import atomic_file
+
+        with atomic_file(json_out, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"model": model, **d}, indent=2))
 
 
 @app.command()
@@ -219,6 +229,7 @@ def analyze(
 
     _check("calib-windows", calib_windows, 1)
     _check("calib-len", calib_len, 2)
+    check_output(out_dir, True, "dir", inputs=_local_inputs(model))
     if group_size != -1:
         _check("group-size", group_size, 1)
     if layers:
@@ -275,8 +286,7 @@ def export(
 
     if fmt not in ("gguf", "compressed-tensors"):
         raise PocketError(f"unknown --format '{fmt}'; supported: gguf, compressed-tensors")
-    if out_file.exists() and not overwrite:
-        raise PocketError(f"{out_file} already exists; choose another --out or pass --overwrite")
+    check_output(out_file, overwrite, "file" if fmt == "gguf" else "dir", inputs=_local_inputs(model))
     report = run_export(model, fmt, out_file, qtype=qtype, embed_type=embed_type, overwrite=overwrite)
     out.print(f"wrote {out_file} ({_bytes(report['bytes'])}); " +
               ", ".join(f"{k}: {v}" for k, v in report.items() if k != "bytes"))

@@ -1,4 +1,7 @@
-"""Atomic output: write into a hidden sibling folder, rename it into place when complete."""
+"""Every output pocketlm writes: checked before the work (``check_output``), written into a
+hidden sibling and renamed into place when complete (``atomic_dir``, ``atomic_file``), never over
+an output that appeared meanwhile unless ``overwrite``; on any error or signal the partial
+output is removed."""
 from __future__ import annotations
 
 import os
@@ -8,6 +11,34 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import PocketError
+
+
+def check_output(out: str | os.PathLike, overwrite: bool = False, kind: str = "dir", inputs=()) -> Path:
+    """Refuse, before any work, an output path that cannot or must not be written: an existing
+    one without ``overwrite``, a directory where a file goes (or the reverse), the current
+    directory or one of its parents, an input (or a folder holding one), or a place whose
+    nearest existing parent is not a writable directory. Returns the path."""
+    out = Path(out)
+    full = out.expanduser().resolve()
+    if full == Path.cwd().resolve() or full in Path.cwd().resolve().parents:
+        raise PocketError(f"--out {out} is the current directory or above it; give a new folder or file")
+    for src in inputs:
+        s = Path(src).expanduser().resolve()
+        if full == s or full in s.parents:
+            raise PocketError(f"--out {out} would replace the input {src}; inputs are never modified, choose another --out")
+    if out.exists():
+        if not overwrite:
+            raise PocketError(f"{out} already exists; choose another --out or pass --overwrite")
+        if kind == "file" and out.is_dir():
+            raise PocketError(f"{out} is a directory; give a file name for this output")
+        if kind == "dir" and not out.is_dir():
+            raise PocketError(f"{out} is a file; give a folder name for this output")
+    parent = full.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise PocketError(f"cannot write {out}: {parent} is not a writable directory")
+    return out
 
 
 @contextmanager
@@ -22,6 +53,9 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False):
     try:
         yield tmp
         _normal_permissions(tmp)
+        if out.exists() and not overwrite:
+            raise PocketError(f"{out} appeared while this run worked (another run?); nothing was replaced, "
+                              "choose another --out or pass --overwrite")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "x")
@@ -60,7 +94,19 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False):
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:  # link fails if the path appeared meanwhile: never replace another run's output
+            try:
+                os.link(tmp, path)
+                os.unlink(tmp)
+            except FileExistsError:
+                raise PocketError(f"{path} appeared while this run worked (another run?); nothing was replaced, "
+                                  "choose another --out or pass --overwrite") from None
+            except OSError:  # a filesystem without hard links
+                if path.exists():
+                    raise PocketError(f"{path} appeared while this run worked; nothing was replaced") from None
+                os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
