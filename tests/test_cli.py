@@ -72,3 +72,26 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
         ro.chmod(0o700)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "in.gguf", "ro"] and not list(ro.iterdir())
+
+
+def test_damaged_inputs_are_one_line_errors(tmp_path, tokenizer):
+    """A recipe that is not UTF-8, a truncated model.safetensors, a damaged pocketlm.json."""
+    from pocketlm import models
+    from tests.conftest import make_tiny
+
+    bad_recipe = tmp_path / "r.yaml"
+    bad_recipe.write_bytes(b"stages:\n  - method: rtn\xff\xfe\n")
+    d = tmp_path / "m"
+    models.save(make_tiny(layers=1), tokenizer, d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    j = tmp_path / "j"
+    models.save(make_tiny(layers=1), tokenizer, j)
+    (j / "pocketlm.json").write_text("{not json")
+    cases = [(["compress", "smollm2-135m", "--recipe", str(bad_recipe), "--out", str(tmp_path / "o")], "not UTF-8"),
+             (["eval", str(d), "--windows", "1", "--seq-len", "64"], "could not load the weights"),
+             (["export", str(j), "--out", str(tmp_path / "x.gguf")], "pocketlm.json is damaged")]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "-m", "pocketlm.cli", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and message in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x.gguf").exists()

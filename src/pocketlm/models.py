@@ -152,8 +152,12 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
             model = _load_compressed(source.path, dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kw)
-    except (OSError, ValueError) as e:
-        raise PocketError(f"could not load the weights of {source.describe()}: {str(e).splitlines()[0]}") from None
+    except PocketError:
+        raise
+    except Exception as e:  # a damaged or foreign weight file fails in many library-specific ways
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise PocketError(f"could not load the weights of {source.describe()} ({type(e).__name__}: {first}); "
+                          "re-download or re-export the model") from None
     model = _plain(model) if source.kind == "gguf" else model
     if source.kind == "dir" and (Path(source.path) / "sparse.safetensors").is_file():
         from . import sparse
@@ -349,4 +353,12 @@ def info(model: nn.Module, source: ModelSource | None = None) -> dict:
 
 def read_pocketlm_json(model_dir: str) -> dict | None:
     p = Path(model_dir) / "pocketlm.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise PocketError(f"{p} is damaged (not JSON); re-run the compression that wrote it") from None
+    if not isinstance(data, dict):
+        raise PocketError(f"{p} is damaged (not a JSON object); re-run the compression that wrote it")
+    return data

@@ -83,7 +83,9 @@ def from_yaml(path: str | Path) -> Recipe:
     if not p.is_file():
         raise PocketError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PocketError(f"{path} is not UTF-8 text; save the recipe as UTF-8 YAML") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
