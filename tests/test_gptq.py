@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from pocketlm import compress
@@ -59,7 +61,7 @@ def test_damping_is_raised_when_cholesky_fails():
     H = torch.eye(64)
     H[0, 0] = -0.05  # not positive definite with 1% damping; fine with 10%
     Q, _, loss = gptq(W, H, QuantSpec(bits=4, group_size=32))
-    assert torch.isfinite(Q).all() and loss == loss
+    assert torch.isfinite(Q).all() and math.isfinite(float(loss)) and float(loss) >= 0
 
 
 def test_dead_inputs_zero_their_columns():

@@ -15,8 +15,10 @@ def test_presets_load_and_validate():
     assert {"rtn-w8", "rtn-w4-g128"} <= set(preset_names())
     s = preset("rtn-w4-g128").stages[0]
     assert (s.method, s.bits, s.group_size, s.sym) == ("rtn", 4, 128, False)
-    for name in preset_names():  # every shipped preset parses and validates
-        assert preset(name).stages
+    for name in preset_names():  # every shipped preset parses, validates and names a registered method
+        from pocketlm.stages import REGISTRY
+
+        assert all(type(st) is REGISTRY[st.method] for st in preset(name).stages), name
     low = preset("aptq-low").stages[0]
     assert (low.bpw, low.clip, low.grad_windows, -1 in low.group_sizes) == (3.0, True, 16, True)
 
