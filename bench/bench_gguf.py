@@ -1,7 +1,7 @@
 """GGUF files against llama.cpp's own quantizer with an importance matrix, at equal bytes.
 
     .venv/bin/python bench/bench_gguf.py [--only a,b] [--windows 16] [--calib-windows 16]
-    .venv/bin/python bench/bench_gguf.py --speed A,B,...   # interleaved llama-bench runs of files
+    .venv/bin/python bench/bench_gguf.py --speed A,B,... [--rounds 3]   # interleaved llama-bench runs of files
     .venv/bin/python bench/table.py gguf                   # the table; --paired A B for differences
 
 Anchors, made by llama.cpp's own tools built from the pinned llama-cpp-python source
@@ -315,6 +315,7 @@ def speed(names: list[str], rounds: int = 3) -> None:
 
 if __name__ == "__main__":
     if "--speed" in sys.argv:
-        speed(sys.argv[sys.argv.index("--speed") + 1].split(","))
+        rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
+        speed(sys.argv[sys.argv.index("--speed") + 1].split(","), rounds)
     else:
         calibrated_main(__file__, BENCH, CONFIGS, one, 16)

@@ -26,6 +26,8 @@ COLUMNS = {
              ("compress_s", "compress s"), ("peak_rss_mib", "peak RSS MiB")],
     "gguf": [("config", "config"), ("bytes", "MiB"), ("file_bpw", "file bpw"), ("ppl", "perplexity"), ("kl", "KL"),
              ("top1", "top-1"), ("token_embd", "token_embd"), ("compress_s", "compress s")],
+    "gguf_speed": [("config", "config"), ("pp_tok_s", "prefill tok/s (pp512)"), ("tg_tok_s", "decode tok/s (tg128)"),
+                   ("rounds", "interleaved rounds, best of"), ("bench_threads", "threads")],
     "ondevice": [("config", "config"), ("bpw", "bpw"), ("bytes", "MiB"), ("ppl", "perplexity"), ("kl", "KL"),
                  ("top1", "top-1"), ("pp_tok_s", "prefill tok/s"), ("tg_tok_s", "decode tok/s"),
                  ("run_peak_rss_mib", "run peak RSS MiB"), ("token_embd", "token_embd")],
@@ -44,11 +46,28 @@ def cell(key: str, v) -> str:
 
 def main(name: str) -> None:
     cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
-    rows = [r for r in _rows(name) if r.get("bench", name) == name]
+    norm = lambda x: x.replace("-", "_")  # noqa: E731
+    rows = [r for r in _rows(name) if norm(r.get("bench", name)) == norm(name)]
+    if name.endswith("_speed"):
+        return speed(rows)
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
     for r in rows:
         print("| " + " | ".join(cell(k, r.get(k)) for k, _ in cols) + " |")
+
+
+def speed(rows: list[dict]) -> None:
+    """Interleaved llama-bench-style speed; each pocketlm file against llama.cpp's file of the
+    preset it copies the types of (``<method>-like-<PRESET>`` against ``llama.cpp-<PRESET>``)."""
+    by = {r["config"]: r for r in rows}
+    print("| file | prefill tok/s (pp512) | decode tok/s (tg128) | against llama.cpp's file of the preset: "
+          "prefill | decode |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        ref = by.get("llama.cpp-" + r["config"].split("-like-")[1]) if "-like-" in r["config"] else None
+        rel = (f"{r['pp_tok_s'] / ref['pp_tok_s'] - 1:+.1%} | {r['tg_tok_s'] / ref['tg_tok_s'] - 1:+.1%}"
+               if ref else "– | –")
+        print(f"| {r['config']} | {r['pp_tok_s']:.1f} | {r['tg_tok_s']:.1f} | {rel} |")
 
 
 def timing(name: str = "gguf") -> None:
