@@ -49,11 +49,12 @@ def _bytes(n) -> str:
 @app.command()
 def info(model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, .gguf file, model directory or hub id"),
          as_json: bool = typer.Option(False, "--json", help="print JSON")):
-    """Architecture, parameters, layers, heads, KV heads, rope base and bytes of a model, and
-    the context length its rope base supports (Xu et al., 2024: B(m) >= 0 up to that length)."""
+    """Architecture, parameters, layers, heads, KV heads, rope base and bytes of a model, the
+    context length its rope base supports (Xu et al., 2024: B(m) >= 0 up to that length), and its
+    KV cache per token and at 2k/8k/32k tokens (float16, q8_0, q4_0 cache types)."""
     from . import models
 
-    from . import rope
+    from . import kv, rope
 
     m, _, src = models.load(model)
     d = models.info(m, src)
@@ -61,12 +62,14 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, .gguf f
     d["rope_supported_context"] = r["supported_context"]
     if "supported_context_sliding" in r:
         d["rope_supported_context_sliding"] = r["supported_context_sliding"]
+    d.update(kv.report(m.config))
     if as_json:
         print(json.dumps(d, indent=2))
         return
     t = Table(title=f"{model}", show_header=False)
     for k, v in d.items():
-        t.add_row(k, _bytes(v) if "bytes" in k else _fmt(v))
+        mib = k.startswith("kv_cache") or ("bytes" in k and "per_token" not in k)
+        t.add_row(k, _bytes(v) if mib else f"{v:,} B" if "per_token" in k else _fmt(v))
     out.print(t)
 
 
