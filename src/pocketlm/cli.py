@@ -173,9 +173,12 @@ def eval_cmd(
     runtime: str = typer.Option("auto", help="transformers, llama.cpp, or auto (llama.cpp for a .gguf file path)"),
     threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
+    task: Optional[str] = typer.Option(None, help="instead of perplexity: zero-shot accuracy on a task (hellaswag)"),
+    limit: Optional[int] = typer.Option(None, help="with --task: the first N tasks (default: all)"),
 ):
-    """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement.
-    A GGUF file is scored from llama.cpp's own logits (the reference runs in transformers)."""
+    """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement;
+    or with --task, zero-shot accuracy (acc, acc_norm and their standard errors). A GGUF file is
+    scored from llama.cpp's own logits (the reference runs in transformers)."""
     from . import models
     from .measure import perplexity
 
@@ -183,6 +186,12 @@ def eval_cmd(
         raise PocketError(f"unknown --runtime '{runtime}'; use transformers, llama.cpp or auto")
     _check("windows", windows, 1)
     _check("seq-len", seq_len, 2)
+    _check("limit", limit, 1)
+    if task is not None:
+        from . import zeroshot
+
+        if task not in zeroshot.TASKS:
+            raise PocketError(f"unknown --task '{task}'; use one of: {', '.join(zeroshot.TASKS)}")
     if json_out:
         check_output(json_out, True, "file", inputs=_local_inputs(model, kl_against))
     _check("threads", threads, 1)
@@ -198,10 +207,14 @@ def eval_cmd(
         src = models.resolve(model)
         if src.kind != "gguf":
             raise PocketError("--runtime llama.cpp needs a .gguf file; export one with `pocketlm export`")
-        m = LlamaCppScorer(src.describe(), n_ctx=seq_len, threads=threads)
         tok = models.load_tokenizer(src)
+        if task is not None:
+            return _zero_shot(zeroshot.LlamaCppChoices(src.describe(), threads), tok, task, limit, model, json_out)
+        m = LlamaCppScorer(src.describe(), n_ctx=seq_len, threads=threads)
     else:
         m, tok, _ = models.load(model, dtype=dtype)
+        if task is not None:
+            return _zero_shot(zeroshot.TorchChoices(m), tok, task, limit, model, json_out)
     ref = models.load(kl_against, dtype=dtype)[0] if kl_against else None
     r = perplexity(m, tok, ppl, seq_len, windows, reference=ref)
     d = r.to_dict()
@@ -211,6 +224,19 @@ def eval_cmd(
 
         with atomic_file(json_out, overwrite=True) as tmp:
             tmp.write_text(json.dumps({"model": model, **d}, indent=2))
+
+
+def _zero_shot(scorer, tok, task: str, limit, model: str, json_out) -> None:
+    from . import zeroshot
+
+    r = zeroshot.evaluate(scorer, tok, zeroshot.load_tasks(task, limit), task)
+    d = {"model": model, **{k: v for k, v in r.to_dict().items() if k != "correct_norm"}}
+    print(json.dumps(d))
+    if json_out:
+        from .fsutil import atomic_file
+
+        with atomic_file(json_out, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({**d, "correct_norm": r.correct_norm}, indent=2))
 
 
 @app.command()
