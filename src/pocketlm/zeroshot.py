@@ -82,27 +82,28 @@ def encode(tokenizer, task: Task) -> tuple[list[int], list[list[int]]]:
 
 
 class TorchChoices:
-    """Summed log-likelihood of each continuation, the four sequences in one padded batch."""
+    """Summed log-likelihood of each continuation, the four sequences in one right-padded batch
+    (causal attention: padding after a sequence cannot change it), the head applied only where
+    a continuation token is predicted."""
 
     def __init__(self, model):
-        self.model = model
+        from .models import ModelAdapter
+
+        self.adapter = ModelAdapter(model)
         self.device = next(model.parameters()).device
 
     @torch.inference_mode()
     def loglik(self, ctx: list[int], conts: list[list[int]]) -> list[float]:
         seqs = [ctx + c for c in conts]
-        n = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), n, dtype=torch.long)
-        mask = torch.zeros(len(seqs), n, dtype=torch.long)
+        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        logits = self.model(ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False).logits
-        lp = F.log_softmax(logits.float(), dim=-1).cpu()
+        hidden = self.adapter.hidden_states(ids.to(self.device))
         out = []
         for i, c in enumerate(conts):
-            pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(c))
-            out.append(float(lp[i, pos, torch.tensor(c)].sum()))
+            h = hidden[i, len(ctx) - 1 : len(ctx) - 1 + len(c)]
+            lp = F.log_softmax(self.adapter.head(h).float(), dim=-1).cpu()
+            out.append(float(lp[torch.arange(len(c)), torch.tensor(c)].sum()))
         return out
 
 
