@@ -195,11 +195,18 @@ def eval_cmd(
     if json_out:
         check_output(json_out, True, "file", inputs=_local_inputs(model, kl_against))
     _check("threads", threads, 1)
-    config = models.load_config(model)
-    longest = getattr(config, "max_position_embeddings", None)
-    if longest and seq_len > longest:
-        raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); use at most {longest}")
-    _warn_context(config, seq_len)
+    try:
+        config = models.load_config(model)
+    except PocketError:
+        if not model.endswith(".gguf"):
+            raise
+        config = None  # a GGUF file transformers cannot describe still runs in llama.cpp
+    if config is not None:
+        longest = getattr(config, "max_position_embeddings", None)
+        if longest and seq_len > longest:
+            raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); "
+                              f"use at most {longest}")
+        _warn_context(config, seq_len)
     use_cpp = runtime == "llama.cpp" or (runtime == "auto" and model.endswith(".gguf"))
     if use_cpp:
         from .runtime.llamacpp import LlamaCppScorer
