@@ -87,18 +87,22 @@ def calib_text(n: int) -> Path:
     return text
 
 
+def run_imatrix(text: Path, out: Path, n: int) -> float:
+    """llama-imatrix over ``n`` chunks of 2048 tokens of ``text`` into ``out``; returns seconds."""
+    t = time.perf_counter()
+    subprocess.run([str(tools() / "llama-imatrix"), "-m", str(float_gguf()), "-f", str(text), "-o", str(out),
+                    "-c", "2048", "-b", "2048", "--chunks", str(n), "-t", str(THREADS), "--no-ppl"],
+                   check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
 def imatrix(n: int) -> tuple[Path, float]:
     """llama-imatrix over the calibration windows (decoded to text); returns (file, seconds)."""
     out = DIR / f"imatrix-calib{n}.gguf"
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file():
         return out, json.loads(meta.read_text())["seconds"]
-    text = calib_text(n)
-    t = time.perf_counter()
-    subprocess.run([str(tools() / "llama-imatrix"), "-m", str(float_gguf()), "-f", str(text), "-o", str(out),
-                    "-c", "2048", "-b", "2048", "--chunks", str(n), "-t", str(THREADS), "--no-ppl"],
-                   check=True, capture_output=True)
-    secs = time.perf_counter() - t
+    secs = run_imatrix(calib_text(n), out, n)
     meta.write_text(json.dumps({"seconds": secs}))
     return out, secs
 
@@ -248,11 +252,7 @@ def timing(preset: str, n_calib: int) -> None:
     like, _ = llama_quantize(preset, imat_keep)
     text = calib_text(n_calib)
     with tempfile.TemporaryDirectory(dir=DIR) as d:
-        t = time.perf_counter()
-        subprocess.run([str(tools() / "llama-imatrix"), "-m", str(float_gguf()), "-f", str(text), "-o",
-                        f"{d}/imatrix.gguf", "-c", "2048", "-b", "2048", "--chunks", str(n_calib), "-t", str(THREADS),
-                        "--no-ppl"], check=True, capture_output=True)
-        imat_s = time.perf_counter() - t
+        imat_s = run_imatrix(text, Path(d) / "imatrix.gguf", n_calib)
         t = time.perf_counter()
         subprocess.run([str(tools() / "llama-quantize"), "--imatrix", f"{d}/imatrix.gguf", str(float_gguf()),
                         f"{d}/q.gguf", preset, str(THREADS)], check=True, capture_output=True)

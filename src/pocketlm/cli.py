@@ -52,9 +52,7 @@ def info(model: str = typer.Argument(DEFAULT_MODEL, help="built-in name, .gguf f
     """Architecture, parameters, layers, heads, KV heads, rope base and bytes of a model, the
     context length its rope base supports (Xu et al., 2024: B(m) >= 0 up to that length), and its
     KV cache per token and at 2k/8k/32k tokens (float16, q8_0, q4_0 cache types)."""
-    from . import models
-
-    from . import kv, rope
+    from . import kv, models, rope
 
     m, _, src = models.load(model)
     d = models.info(m, src)
@@ -227,10 +225,7 @@ def eval_cmd(
     d = r.to_dict()
     print(json.dumps({"model": model, **d}))
     if json_out:
-        from .fsutil import atomic_file
-
-        with atomic_file(json_out, overwrite=True) as tmp:
-            tmp.write_text(json.dumps({"model": model, **d}, indent=2))
+        _write_json(json_out, {"model": model, **d})
 
 
 def _zero_shot(scorer, tok, task: str, limit, model: str, json_out) -> None:
@@ -240,10 +235,14 @@ def _zero_shot(scorer, tok, task: str, limit, model: str, json_out) -> None:
     d = {"model": model, **{k: v for k, v in r.to_dict().items() if k != "correct_norm"}}
     print(json.dumps(d))
     if json_out:
-        from .fsutil import atomic_file
+        _write_json(json_out, {**d, "correct_norm": r.correct_norm})
 
-        with atomic_file(json_out, overwrite=True) as tmp:
-            tmp.write_text(json.dumps({**d, "correct_norm": r.correct_norm}, indent=2))
+
+def _write_json(path: Path, obj: dict) -> None:
+    from .fsutil import atomic_file
+
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2))
 
 
 @app.command()

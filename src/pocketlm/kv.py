@@ -5,6 +5,8 @@ Each layer caches one key and one value vector per KV head and token; a sliding-
 keeps only its last ``sliding_window`` tokens, so at long contexts its share stops growing."""
 from __future__ import annotations
 
+from .models import head_dim
+
 #: bytes per cached value
 CACHE_TYPES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 CONTEXTS = (2048, 8192, 32768)
@@ -19,9 +21,8 @@ def layer_windows(config) -> list[int | None]:
 
 def values_per_token(config) -> int:
     """Cached values per token per layer (keys and values of every KV head)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * kv_heads * head_dim
+    return 2 * kv_heads * head_dim(config)
 
 
 def cache_bytes(config, context: int, cache_type: str = "f16") -> int:

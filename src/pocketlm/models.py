@@ -308,6 +308,11 @@ def layer_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def head_dim(cfg) -> int:
+    """Dimension of one attention head (configs that omit it divide the hidden size)."""
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def rope_theta(cfg, layer_type: str = "full_attention") -> float:
     """The rotary base of a config (per layer type when the config has one per type)."""
     rope = getattr(cfg, "rope_parameters", None) or {}
@@ -330,7 +335,7 @@ def info(model: nn.Module, source: ModelSource | None = None) -> dict:
         "intermediate_size": getattr(c, "intermediate_size", None),
         "attention_heads": c.num_attention_heads,
         "kv_heads": getattr(c, "num_key_value_heads", c.num_attention_heads),
-        "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+        "head_dim": head_dim(c),
         "vocab_size": c.vocab_size,
         "rope_theta": rope_theta(c),
         "max_position_embeddings": getattr(c, "max_position_embeddings", None),

@@ -69,9 +69,9 @@ def required_base(length: int, head_dim: int, lo: float = 10.0, hi: float = 1e13
 def report(config) -> dict:
     """The bound for a transformers config: per rotary base the model uses (global layers, and
     sliding-window layers when it has them), the supported length against the trained one."""
-    from .models import rope_theta
+    from .models import head_dim as head_dim_of, rope_theta
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = head_dim_of(config)
     trained = getattr(config, "max_position_embeddings", None)
     out = {"head_dim": head_dim, "trained_context": trained}
     base = rope_theta(config)

@@ -108,7 +108,8 @@ class TorchChoices:
 
 
 class LlamaCppChoices:
-    """The same from llama.cpp's logits of a GGUF file."""
+    """The same from llama.cpp's logits of a GGUF file: the context is evaluated once per task,
+    and each ending continues from its cached keys and values."""
 
     def __init__(self, path: str | Path, threads: int | None = None, n_ctx: int = 512):
         from .runtime.llamacpp import load
@@ -119,9 +120,11 @@ class LlamaCppChoices:
         import numpy as np
 
         out = []
+        self.llm.reset()
+        self.llm.eval(ctx)
         for c in conts:
-            self.llm.reset()
-            self.llm.eval(ctx + c)
+            self.llm.n_tokens = len(ctx)  # eval() drops the cache past this point first
+            self.llm.eval(c)
             logits = torch.from_numpy(np.asarray(self.llm.scores[len(ctx) - 1 : len(ctx) - 1 + len(c)],
                                                  dtype=np.float32).copy())
             out.append(float(F.log_softmax(logits, dim=-1)[torch.arange(len(c)), torch.tensor(c)].sum()))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import PocketError
-from ..models import rope_theta
+from ..models import head_dim as head_dim_of, rope_theta
 from ..quant.ggml import TYPES, fallback, quantize_matrix
 from .ggml_blocks import format_for, pack
 
@@ -61,7 +61,7 @@ def _rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def _metadata(w, cfg, arch: str) -> None:
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    head_dim = head_dim_of(cfg)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
