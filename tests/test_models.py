@@ -45,7 +45,7 @@ def test_bad_model_specs_give_clear_errors(tmp_path):
         models.resolve(str(tmp_path / "missing.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 20)
-    with pytest.raises(PocketError, match="not a readable GGUF file"):
+    with pytest.raises(PocketError, match="bad.gguf is not a valid GGUF file: GGUF version 0 is not 2 or 3"):
         models.load(str(bad))
     (tmp_path / "empty").mkdir()
     with pytest.raises(PocketError, match="no config.json"):

@@ -116,13 +116,48 @@ def resolve(spec: str) -> ModelSource:
     return ModelSource("hub", spec)
 
 
-def _check_gguf(path: str) -> None:
+def _check_gguf(path: str) -> dict[str, int]:
+    """{tensor name: elements} of a GGUF file, or a one-line error when it cannot be read."""
     from gguf import GGUFReader
 
+    from . import gguf_header
+
+    gguf_header.check(path)  # counts and lengths bounded by the file before gguf-py trusts them
     try:
-        GGUFReader(path)
+        return {t.name: int(t.n_elements) for t in GGUFReader(path).tensors}
     except Exception as e:  # the reader raises assorted errors on damaged files
-        raise PocketError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-export it") from None
+        raise PocketError(f"{path} is not a readable GGUF file ({type(e).__name__}: {_said(e)}); "
+                          "re-download or re-export it") from None
+
+
+def _check_gguf_matches(path: str, config, stored: dict[str, int]) -> None:
+    """A GGUF file whose metadata contradicts its tensors (a damaged or hand-edited header) is
+    refused before transformers builds a model from the metadata, which could take hours or
+    all memory: the block count must match the ``blk.N`` tensors, and the parameter count the
+    metadata implies (a model built on the meta device) the elements stored, within 5%."""
+    from transformers import AutoModelForCausalLM
+
+    blocks = {int(n.split(".")[1]) for n in stored if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers != len(blocks):
+        raise PocketError(f"{path}: its metadata says {layers} layers but it holds {len(blocks)}; "
+                          "the file is damaged, re-download or re-export it")
+    try:
+        with torch.device("meta"):
+            want = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    except Exception as e:  # contradictory hyper-parameters
+        raise PocketError(f"{path}: its metadata does not describe a valid model ({_said(e)}); "
+                          "re-download or re-export it") from None
+    have = sum(stored.values())
+    if abs(want - have) > 0.05 * max(want, have):
+        raise PocketError(f"{path}: its metadata describes {want:,} parameters but it holds {have:,}; "
+                          "the file is damaged, re-download or re-export it")
+
+
+def _said(e: BaseException, limit: int = 240) -> str:
+    """What a library's exception says, on one line (for a one-line error)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_tokenizer(source: ModelSource):
@@ -131,8 +166,9 @@ def load_tokenizer(source: ModelSource):
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         return AutoTokenizer.from_pretrained(source.path, **kw)
-    except OSError as e:
-        raise PocketError(f"could not load the tokenizer of {source.describe()}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # missing or foreign tokenizer files fail in many library-specific ways
+        raise PocketError(f"could not load the tokenizer of {source.describe()} ({_said(e)}); the model needs its "
+                          "tokenizer files (tokenizer.json, or a GGUF file's own vocabulary)") from None
 
 
 def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
@@ -142,6 +178,7 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     source = resolve(spec)
     dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     load_config(source)
+    tokenizer = load_tokenizer(source)  # cheap, and a missing tokenizer is found before the weights load
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -155,8 +192,7 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
     except PocketError:
         raise
     except Exception as e:  # a damaged or foreign weight file fails in many library-specific ways
-        first = (str(e).strip().splitlines() or [""])[0][:200]
-        raise PocketError(f"could not load the weights of {source.describe()} ({type(e).__name__}: {first}); "
+        raise PocketError(f"could not load the weights of {source.describe()} ({type(e).__name__}: {_said(e)}); "
                           "re-download or re-export the model") from None
     model = _plain(model) if source.kind == "gguf" else model
     if source.kind == "dir" and (Path(source.path) / "sparse.safetensors").is_file():
@@ -164,7 +200,7 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
 
         sparse.restore(model, Path(source.path) / sparse.FILE)
     model.to(device).eval()
-    return model, load_tokenizer(source), source
+    return model, tokenizer, source
 
 
 def _is_compressed(path: str) -> bool:
@@ -196,15 +232,16 @@ def load_config(source: "ModelSource | str"):
     from transformers import AutoConfig
 
     source = resolve(source) if isinstance(source, str) else source
-    if source.kind == "gguf":
-        _check_gguf(source.describe())
+    stored = _check_gguf(source.describe()) if source.kind == "gguf" else None
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, **kw)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # missing, damaged or contradictory configs fail in many library-specific ways
         hint = " (no network to the hub here? use a local directory or .gguf file)" if source.kind == "hub" else ""
-        raise PocketError(f"could not read the config of {source.describe()}: {str(e).splitlines()[0]}{hint}") from None
+        raise PocketError(f"could not read the config of {source.describe()}: {_said(e)}{hint}") from None
     check_architecture(config)
+    if stored is not None:
+        _check_gguf_matches(source.describe(), config, stored)
     return config
 
 
