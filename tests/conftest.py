@@ -41,6 +41,66 @@ def make_tiny_gemma3(layers: int = 3, seed: int = 0, **kw):
                                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}} | kw))
 
 
+def make_tiny_tokenizer(vocab: int = 320):
+    """A byte-level BPE tokenizer of a few hundred tokens, trained here in milliseconds: models
+    built with it are small and export to small GGUF files."""
+    from tokenizers import Tokenizer, decoders, models as tm, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(tm.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"])
+    tk.train_from_iterator(["the quick brown fox jumps over the lazy dog; a model of words, " * 20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved 3-layer tiny model with the small tokenizer (a model directory pocketlm reads)."""
+    from pocketlm import models
+
+    tok = make_tiny_tokenizer()
+    d = tmp_path_factory.mktemp("tiny") / "model"
+    models.save(make_tiny(layers=3, vocab=len(tok)), tok, d)
+    return d
+
+
+def run_cli(args: list[str]) -> tuple[int, str]:
+    """pocketlm's main() in this process, as the shell would run it: (exit code, stderr)."""
+    import contextlib
+    import io
+    import signal
+    import sys
+
+    from pocketlm import cli
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    err, argv = io.StringIO(), sys.argv
+    sys.argv = ["pocketlm", *map(str, args)]
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = argv
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return code, err.getvalue()
+
+
+FUZZ_COUNTS: dict[str, int] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ_COUNTS:
+        terminalreporter.write_line("fuzzing examples run: " +
+                                    ", ".join(f"{n} {what}" for what, n in FUZZ_COUNTS.items()))
+
+
 @pytest.fixture
 def tiny():
     return make_tiny()
@@ -55,5 +115,8 @@ def smol():
 
 
 @pytest.fixture(scope="session")
-def tokenizer(smol):
-    return smol[1]
+def tokenizer():
+    """SmolLM2's tokenizer, read from its GGUF file (without loading the model)."""
+    from pocketlm import models
+
+    return models.load_tokenizer(models.resolve("smollm2-135m"))

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import PocketError
+from .errors import PocketError, printable
 from .fsutil import check_output
 from .models import DEFAULT_MODEL
 
@@ -91,7 +91,7 @@ def compress(
     device: str = typer.Option("cpu", help="where to compress: cpu, cuda or cuda:N"),
 ):
     """Compress MODEL with a recipe or preset and write it to --out, with pocketlm.json."""
-    from . import models
+    from . import data, models
     from .context import CalibrationConfig
     from .measure import perplexity
     from .pipeline import compress as run
@@ -107,6 +107,7 @@ def compress(
     _check("eval-windows", eval_windows, 0)
     _check("eval-len", eval_len, 2)
     _check("bpw", bpw, 1, 16)
+    data.check_text(calib_text)
     device = models.check_device(device)
     t0 = time.perf_counter()
     m, tok, src = models.load(model, device=device)
@@ -177,7 +178,7 @@ def eval_cmd(
     """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement;
     or with --task, zero-shot accuracy (acc, acc_norm and their standard errors). A GGUF file is
     scored from llama.cpp's own logits (the reference runs in transformers)."""
-    from . import models
+    from . import data, models
     from .measure import perplexity
 
     if runtime not in ("auto", "transformers", "llama.cpp"):
@@ -193,6 +194,10 @@ def eval_cmd(
     if json_out:
         check_output(json_out, True, "file", inputs=_local_inputs(model, kl_against))
     _check("threads", threads, 1)
+    if task is None:
+        data.check_text(ppl)
+    if kl_against is not None:
+        models.load_config(kl_against)  # a missing or broken reference is found before any weights load
     try:
         config = models.load_config(model)
     except PocketError:
@@ -336,10 +341,14 @@ def bench_cmd(
     reps: int = typer.Option(3, help="repetitions; the best is reported"),
 ):
     """Prompt-processing and generation speed (tokens/s), file bytes, effective bpw and peak RSS of a GGUF file."""
+    from . import gguf_header
     from .runtime.llamacpp import bench
 
     for name, v in (("threads", threads), ("prompt", prompt), ("gen", gen), ("reps", reps)):
         _check(name, v, 1)
+    if not model_file.is_file():
+        raise PocketError(f"no such GGUF file: {model_file}")
+    gguf_header.check(model_file)
     res = bench(model_file, threads, prompt, gen, reps)
     res["bpw"] = round(res["bytes"] * 8 / _gguf_params(model_file), 4)
     print(json.dumps(res))
@@ -406,8 +415,20 @@ def main() -> None:
     _quiet_foreign_bars()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _on_signal)
+    if len(sys.argv) == 1:
+        app()  # no arguments: the help page
     try:
-        app()
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
+    except typer.Abort:
+        print("aborted; no output was written", file=sys.stderr)
+        sys.exit(1)
+    except typer.TyperException as e:  # a usage error (unknown option, not a number): one line too
+        if not hasattr(e, "format_message"):
+            raise
+        where = e.ctx.command_path if getattr(e, "ctx", None) else "pocketlm"
+        print(f"error: {printable(' '.join(e.format_message().split()))} (see {where} --help)", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 2))
     except PocketError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -42,9 +42,20 @@ def load_text(spec: str) -> str:
             return p.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise PocketError(f"{spec} is not UTF-8 text; give a plain-text file") from None
+    if p.suffix or os.sep in spec:
+        raise PocketError(f"no such text file: {spec}")
     raise PocketError(
         f"unknown text '{spec}': use {', '.join(BUNDLED)}, a .txt file, or hf:NAME[:CONFIG]:SPLIT[:COLUMN]"
     )
+
+
+def check_text(spec: str) -> None:
+    """Refuse a local text that cannot be used (missing, not UTF-8, empty) before any model is
+    loaded; built-in texts need no check and hub texts are checked when read."""
+    if spec in BUNDLED or spec.startswith("hf:"):
+        return
+    if not load_text(spec).strip():
+        raise PocketError(f"{spec} is empty; give a plain-text file with the text to use")
 
 
 def _hub_text(spec: str) -> str:

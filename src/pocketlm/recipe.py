@@ -37,7 +37,7 @@ class Recipe(BaseModel):
             if not isinstance(raw, dict) or "method" not in raw:
                 raise ValueError(f"stage {i} needs a 'method' key (one of: {', '.join(sorted(REGISTRY))})")
             method = raw["method"]
-            if method not in REGISTRY:
+            if not isinstance(method, str) or method not in REGISTRY:
                 raise ValueError(f"stage {i}: unknown method '{method}'; valid methods: {', '.join(sorted(REGISTRY))}")
             stage_cls = REGISTRY[method]
             try:

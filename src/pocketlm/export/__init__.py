@@ -39,13 +39,11 @@ class ExportTarget(BaseModel):
         if self.format != "gguf":
             return
         from ..errors import PocketError
-        from ..quant.ggml import TYPES
         from .ggml_blocks import format_for
-        from .gguf import FLOAT_TYPES, _check_type, check_exportable
+        from .gguf import check_exportable, check_type
 
         check_exportable(config)
-        _check_type(self.type, (*FLOAT_TYPES, *TYPES))
-        _check_type(self.embed_type, (*FLOAT_TYPES, *TYPES))
+        check_type(self.type), check_type(self.embed_type)
         for k, st in enumerate(stages, 1):
             if getattr(st, "format", None) is not None or getattr(st, "formats", None) is not None:  # GGML types
                 continue
@@ -92,9 +90,10 @@ def run_export(spec: str, fmt: str, out: Path, qtype: str = "F16", embed_type: s
 
     config = models.load_config(spec)
     if fmt == "gguf":
-        from .gguf import check_exportable
+        from .gguf import check_exportable, check_type
 
         check_exportable(config)
+        check_type(qtype), check_type(embed_type)  # an unknown type is refused before the model loads
     src = models.resolve(spec)
     records = quant_records(src.path) if src.kind == "dir" else {}
     if fmt == "compressed-tensors" and not records:

@@ -47,7 +47,8 @@ def check_exportable(config) -> str:
     return ARCHITECTURES[mt][0]
 
 
-def _check_type(t: str, allowed) -> str:
+def check_type(t: str, allowed=(*FLOAT_TYPES, *TYPES)) -> str:
+    """A GGUF tensor type by name (upper case), or a one-line error with the valid names."""
     t = t.upper()
     if t not in allowed:
         raise PocketError(f"unknown GGUF type '{t}'; use one of {', '.join(allowed)}")
@@ -123,8 +124,7 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     import gguf
 
     arch = check_exportable(model.config)
-    linear_type = _check_type(linear_type, (*FLOAT_TYPES, *TYPES))
-    embed_type = _check_type(embed_type, (*FLOAT_TYPES, *TYPES))
+    linear_type, embed_type = check_type(linear_type), check_type(embed_type)
     quant = quant or {}
     cfg = model.config
     permute = ARCHITECTURES[cfg.model_type][1]

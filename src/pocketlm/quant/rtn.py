@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from ..errors import warn
 from ..stages import Stage, register
 from .ggml import fallback, get_type, quantize_matrix
 from .grid import QuantSpec, quantize_weight
@@ -52,6 +53,15 @@ class QuantStage(Stage):
         if v != -1 and v < 1:
             raise ValueError("must be a positive number of inputs, or -1 for one group per row")
         return v
+
+    @model_validator(mode="after")
+    def _costly_groups(self):
+        if self.format is None and 0 < self.group_size < 32:
+            per = lambda g: self.bits + (16 + (0 if self.sym else self.bits)) / g  # noqa: E731
+            warn(f"group_size {self.group_size} stores a 16-bit scale every {self.group_size} weights: "
+                 f"{per(self.group_size):.2f} bits per weight with {self.bits}-bit codes, against "
+                 f"{per(32):.2f} at group 32 and {per(128):.2f} at 128; groups of 32 to 128 are the useful range")
+        return self
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, clip=self.clip)
