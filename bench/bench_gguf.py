@@ -10,7 +10,10 @@ same token windows, decoded to text, 2048-token chunks), then ``llama-quantize -
 the float model (F32 GGUF) to each preset; ``llama.cpp-noimat-*`` rows without the matrix.
 pocketlm rows: ``<method>-like-<PRESET>`` puts pocketlm's own codes in exactly the per-tensor
 types of llama.cpp's file of that preset (so the bytes are identical): ``imatrix`` is
-importance-weighted RTN, ``gptq`` GPTQ on the type's blocks with the importance-weighted scales.
+importance-weighted RTN (each layer's statistics from the quantized layers before it),
+``imatrix1`` the same in one pass under bfloat16 autocast, every statistic from the float
+model (as llama-imatrix; the imatrix-iq4_nl preset),
+``gptq`` GPTQ on the type's blocks with the importance-weighted scales.
 ``aptq-<MB>`` plans the types per tensor to a whole-file budget.
 ``autoround-<PRESET>``: AutoRound's GGUF export (PyPI ``auto-round``) of the same float model on the
 same calibration token windows, with its recommended GGUF setting ``iters=0``.
@@ -36,7 +39,8 @@ from common import RESULTS, _replace_line, calibrated_main, emit, eval_fields  #
 AUTOROUND = ["Q4_0", "Q4_K_M", "Q2_K_S"]  # AutoRound's GGUF presets (it writes no IQ4_NL)
 PRESETS = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_M", "Q2_K"]
 CONFIGS = [*[f"llama.cpp-{p}" for p in PRESETS], *[f"gptq-like-{p}" for p in PRESETS],
-           *[f"imatrix-like-{p}" for p in PRESETS], *[f"aptq-like-{p}" for p in PRESETS],
+           *[f"imatrix-like-{p}" for p in PRESETS], *[f"imatrix1-like-{p}" for p in PRESETS],
+           *[f"aptq-like-{p}" for p in PRESETS],
            *[f"aptq-rtn-like-{p}" for p in PRESETS],
            *[f"llama.cpp-noimat-{p}" for p in ("Q4_0", "IQ4_NL")],
            *[f"autoround-{p}" for p in AUTOROUND]]
@@ -145,6 +149,8 @@ def pocketlm_like(method: str, preset: str, n_calib: int) -> tuple[Path, dict]:
     main = max(set(mix.values()), key=list(mix.values()).count)
     stage = {"method": method, "format": f"gguf-{main.lower()}", "types": {k: v for k, v in mix.items() if v != main},
              "embed": embed}
+    if method == "imatrix1":  # one bfloat16 calibration pass: every layer's statistics from the float model
+        stage.update(method="imatrix", sequential=False, calib_dtype="bfloat16")
     _, w = calib_windows(n_calib)
     t = time.perf_counter()
     res = pocketlm.compress(model, {"name": f"{method}-like-{preset}", "stages": [stage]}, tokenizer=tok,
@@ -258,15 +264,16 @@ def timing(preset: str, n_calib: int) -> None:
                         f"{d}/q.gguf", preset, str(THREADS)], check=True, capture_output=True)
         quant_s = time.perf_counter() - t
     mine = {}
-    for method in ("imatrix", "gptq"):
+    for method in ("imatrix", "imatrix1", "gptq"):
         t = time.perf_counter()
         pocketlm_like(method, preset, n_calib)
         mine[method] = time.perf_counter() - t
     llama = imat_s + quant_s
     emit({"bench": f"{BENCH}-time", "config": f"timing-{preset}", "model": MODEL, "calib_windows": n_calib,
           "llama_imatrix_s": round(imat_s, 1), "llama_quantize_s": round(quant_s, 1), "llama_total_s": round(llama, 1),
-          "pocketlm_imatrix_s": round(mine["imatrix"], 1), "pocketlm_gptq_s": round(mine["gptq"], 1),
-          "imatrix_ratio": round(mine["imatrix"] / llama, 2), "gptq_ratio": round(mine["gptq"] / llama, 2),
+          "pocketlm_imatrix_s": round(mine["imatrix"], 1), "pocketlm_imatrix1_s": round(mine["imatrix1"], 1),
+          "pocketlm_gptq_s": round(mine["gptq"], 1), "imatrix_ratio": round(mine["imatrix"] / llama, 2),
+          "imatrix1_ratio": round(mine["imatrix1"] / llama, 2), "gptq_ratio": round(mine["gptq"] / llama, 2),
           "torch_threads": THREADS})
 
 

@@ -74,13 +74,13 @@ def timing(name: str = "gguf") -> None:
     """Wall-clock seconds of llama.cpp's importance-matrix path and pocketlm's, run one after the
     other on the same calibration tokens (``bench_gguf.py --only timing-PRESET``)."""
     rows = [r for r in _rows(name) if r.get("bench") == f"{name}-time"]
-    print("| llama.cpp types | llama-imatrix s | llama-quantize s | llama.cpp total s | pocketlm imatrix s "
-          "| ratio | pocketlm GPTQ s | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| llama.cpp types | llama-imatrix s | llama-quantize s | llama.cpp total s | pocketlm imatrix, one pass s "
+          "| ratio | pocketlm imatrix, sequential s | ratio | pocketlm GPTQ s | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['config'].removeprefix('timing-')} | {r['llama_imatrix_s']} | {r['llama_quantize_s']} | "
-              f"{r['llama_total_s']} | {r['pocketlm_imatrix_s']} | {r['imatrix_ratio']} | {r['pocketlm_gptq_s']} | "
-              f"{r['gptq_ratio']} |")
+              f"{r['llama_total_s']} | {r.get('pocketlm_imatrix1_s', '-')} | {r.get('imatrix1_ratio', '-')} | "
+              f"{r['pocketlm_imatrix_s']} | {r['imatrix_ratio']} | {r['pocketlm_gptq_s']} | {r['gptq_ratio']} |")
 
 
 def _diff(x: list[float], y: list[float]) -> tuple[float, float]:

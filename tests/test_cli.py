@@ -66,6 +66,7 @@ CASES = [
     ("out-exists", "export tiny --out victim.txt", 2, "victim.txt already exists", True),
     ("out-current-dir", "compress tiny --preset rtn-w8 --out . --overwrite", 2, "current directory", True),
     ("out-is-a-directory", "export tiny --out adir --overwrite", 2, "adir is a directory", True),
+    ("out-under-a-file", "export tiny --out victim.txt/sub/x.gguf", 2, "victim.txt is not a writable directory", True),
     ("out-is-the-input", "export tiny --out tiny --overwrite", 2, "would replace or write into the input tiny", True),
     ("out-inside-the-input", "compress tiny --preset rtn-w8 --out tiny/sub --overwrite", 2,
      "write into the input", True),
@@ -195,8 +196,9 @@ import os, signal, sys
 from pocketlm import cli, export, fsutil, models, pipeline, recipe, stages
 
 point = sys.argv[1]
+SIG = getattr(signal, os.environ.get("SIG", "SIGTERM"))
 def kill():
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), SIG)
 def after(owner, name, nth=1):
     f, calls = getattr(owner, name), []
     def wrapped(*a, **k):
@@ -259,6 +261,15 @@ def test_sigterm_at_any_point_of_a_compress_leaves_no_output(sig_ws, point):
     assert r.stderr.strip().splitlines()[-1] == "interrupted (SIGTERM); no output was written"
     assert list((sig_ws / "out").iterdir()) == []
     assert snapshot(sig_ws / "tiny") == before
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGHUP", 129)])
+def test_ctrl_c_and_hangup_clean_up_the_same_way(sig_ws, sig, code):
+    r = subprocess.run([sys.executable, "driver.py", "stage-2"], cwd=sig_ws, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "SIG": sig})
+    assert r.returncode == code, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"interrupted ({sig}); no output was written"
+    assert list((sig_ws / "out").iterdir()) == []
 
 
 def test_the_driven_compress_completes_when_not_interrupted(sig_ws):

@@ -30,3 +30,26 @@ def test_overwrite_replaces(tmp_path):
     with atomic_file(out, overwrite=True) as tmp:
         tmp.write_text("new")
     assert out.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_failed_write_removes_the_folders_it_made(tmp_path):
+    """Parents created for an output are removed again when the write fails; existing ones stay."""
+    for atomic in (atomic_file, atomic_dir):
+        with pytest.raises(RuntimeError):
+            with atomic(tmp_path / "new" / "sub" / "out"):
+                raise RuntimeError("the work failed")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_an_output_is_claimed_once_per_process_and_refused_to_another(tmp_path):
+    import subprocess
+    import sys
+
+    from pocketlm.fsutil import check_output
+
+    out = tmp_path / "o"
+    check_output(out)
+    check_output(out)  # the same process may check its own output again
+    r = subprocess.run([sys.executable, "-c", f"from pocketlm.fsutil import check_output; check_output({str(out)!r})"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "another pocketlm run is writing" in r.stderr

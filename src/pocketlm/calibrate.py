@@ -68,6 +68,8 @@ class LayerView:
     kwargs: dict = field(repr=False, default_factory=dict)
     #: every layer's keyword arguments, by layer index (for methods that run later layers too)
     all_kwargs: list = field(repr=False, default_factory=list)
+    #: run the layer under autocast to this dtype (e.g. bfloat16; the weights keep theirs)
+    compute_dtype: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +77,12 @@ class LayerView:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The layer's output for one window (inputs live on the CPU or disk; the layer may not)."""
-        out = self.module(x.to(self.device), **self.kwargs)
+        x = x.to(self.device)
+        if self.compute_dtype is None:
+            out = self.module(x, **self.kwargs)
+        else:
+            with torch.autocast(self.device.type, dtype=self.compute_dtype):
+                out = self.module(x, **self.kwargs)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -157,8 +164,11 @@ def capture_inputs(adapter: ModelAdapter, windows: torch.Tensor, offload: bool =
 
 
 def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProcessor,
-                  offload: bool = False, description: str = "layers") -> None:
-    """Drive ``windows`` (n, L) token ids through the model layer by layer (see module doc).
+                  offload: bool = False, description: str = "layers",
+                  compute_dtype: torch.dtype | None = None) -> None:
+    """Drive ``windows`` (n, L) token ids through the model layer by layer (see module doc);
+    ``compute_dtype`` runs the layers under autocast (bfloat16: 2-3x faster on CPUs with
+    bfloat16 units; activations are kept in the model's dtype between layers).
 
     A processor that modifies layers needs one activation buffer: the observing pass discards
     its outputs, and the recomputing pass overwrites each window's input with its output.
@@ -176,7 +186,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
             for idx, layer in enumerate(adapter.layers):
                 prefix = f"{dec_prefix}.{idx}"
                 lin = {f"{prefix}.{k}": m for k, m in layer.named_modules() if isinstance(m, nn.Linear)}
-                view = LayerView(idx, prefix, layer, lin, inputs, kwargs[idx], kwargs)
+                view = LayerView(idx, prefix, layer, lin, inputs, kwargs[idx], kwargs, compute_dtype)
                 last = {}  # the previous hooked input in this window, to detect shared inputs
                 handles = [m.register_forward_hook(_observer(processor, name, last))
                            for name, m in lin.items() if processor.wants(name)]

@@ -131,6 +131,9 @@ class Imatrix(QuantStage):
     sequential: bool = Field(True, description="statistics of each layer from the quantized earlier layers (one "
                                                "more pass per layer); false: all from the float model in one pass, "
                                                "as llama-imatrix does")
+    calib_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="bfloat16: the calibration pass runs under bfloat16 autocast (2-3x faster on CPUs "
+                               "with bfloat16 units; the weights stay float32, the statistics change little)")
 
     needs_calibration = True
 
@@ -147,7 +150,8 @@ class Imatrix(QuantStage):
                     done.append(name)
 
         proc = ImatrixProcessor(self.selects, quantize if self.sequential else None, head=self.embed is not None)
-        run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="imatrix")
+        run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="imatrix",
+                      compute_dtype=torch.bfloat16 if self.calib_dtype == "bfloat16" else None)
         if not self.sequential:
             for name, h in proc.imatrix.items():
                 self.quantize_ggml(ctx, name, h)

@@ -1,0 +1,64 @@
+"""Fewer KV heads on the default model: SmolLM2-135M's 3 KV heads per layer merged into 1 (the
+float16 KV cache from 23,040 to 7,680 bytes per token), by mean pooling or after aligning the
+heads; and the aligned model quantized to IQ4_NL and run in llama.cpp.
+
+    .venv/bin/python bench/bench_kv.py [--calib-windows 16] [--windows 16] [--only a,b]
+
+One JSON line per result (also in bench/results/kv.jsonl): WikiText-2 perplexity on the first
+N windows of 2048 tokens, KL divergence and top-1 agreement against the float model (its
+log-probabilities cached in POCKETLM_REF_CACHE, default /tmp), the stage's key and value output
+errors (relative, on the calibration text) for mean pooling and for the aligned merge, KV bytes
+per token and wall time. Calibration: the Python-docs text.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import calibrated_main, emit, eval_fields  # noqa: E402
+
+CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf"]
+
+
+def one(name: str, windows: int, calib_windows: int) -> None:
+    import pocketlm
+    from pocketlm import kv, models
+    from pocketlm.context import CalibrationConfig
+    from pocketlm.data import eval_windows
+    from pocketlm.measure import ReferenceCache, perplexity
+
+    model, tok, src = models.load("smollm2-135m")
+    folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
+    cache = ReferenceCache.build(model, eval_windows(tok, "wikitext2", 2048, windows),
+                                 folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32")
+    base_kv = kv.report(model.config)["kv_bytes_per_token_f16"]
+    merge = name.split("-")[1].split("+")[0]
+    stages = [{"method": "kv-heads", "kv_heads": 1, "merge": merge}]
+    if name.endswith("gguf"):
+        stages.append({"method": "imatrix", "format": "gguf-iq4_nl", "embed": "q8_0"})
+    calib = CalibrationConfig(windows=calib_windows, seq_len=2048)
+    res = pocketlm.compress(model, {"name": name, "stages": stages}, tokenizer=tok, calibration=calib)
+    extra = {}
+    if name.endswith("gguf"):
+        from pocketlm.export import export_model
+        from pocketlm.runtime.llamacpp import LlamaCppScorer
+
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "m.gguf"
+            export_model(model, tok, res.context.quant, "gguf", path, "F16", "Q8_0", source_gguf=src.describe())
+            extra = {"file_bytes": path.stat().st_size, "runtime": "llama.cpp"}
+            r = perplexity(LlamaCppScorer(path, n_ctx=2048), tok, "wikitext2", 2048, windows, reference=cache)
+    else:
+        r = perplexity(model, tok, "wikitext2", 2048, windows, reference=cache)
+    kvs = res.stages[0]
+    emit({"bench": "kv", "config": name, "model": "smollm2-135m", "kv_heads": kvs["kv_heads"],
+          "kv_bytes_per_token_f16": [base_kv, kvs["kv_bytes_per_token"]], "merge": merge,
+          "key_error": kvs["key_error"], "value_error": kvs["value_error"], **extra, **eval_fields(r),
+          "compress_s": round(res.seconds, 1)})
+
+
+if __name__ == "__main__":
+    calibrated_main(__file__, "kv", list(CONFIGS), one, 16)

@@ -1,0 +1,1 @@
+"""Methods that shrink attention's KV cache: fewer KV heads (``kvheads``, math in ``align``)."""
