@@ -280,3 +280,17 @@ def test_the_driven_compress_completes_when_not_interrupted(sig_ws):
         assert (sig_ws / "out" / "model" / "model.gguf").is_file()
     finally:
         shutil.rmtree(sig_ws / "out" / "model", ignore_errors=True)
+
+
+def test_analyze_rope_reports_the_bound_and_perplexity_by_position(ws, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(ws)
+    got, err = run_cli(["analyze", "tiny", "--rope", "--seq-len", "64", "--windows", "1", "--out", tmp_path / "r"])
+    assert got == 0, err
+    rep = json.loads((tmp_path / "r" / "rope.json").read_text())
+    assert rep["rope_theta"] == 10000.0 and rep["head_dim"] == 16
+    assert rep["supported_context"] > 0 and rep["base_needed"]["4096"] > rep["rope_theta"]
+    assert len(rep["by_position"]["bucket_ppl"]) == 8 and (tmp_path / "r" / "rope_by_position.png").stat().st_size
+    got, err = run_cli(["analyze", "tiny", "--rope", "--seq-len", "100000", "--out", tmp_path / "r2"])
+    assert got == 2 and "longer than the model's context (512 tokens)" in err

@@ -26,6 +26,15 @@ def test_perplexity_equals_a_hand_computation():
     first = evaluate_windows(model, windows[:1], chunk=16)
     assert len(res.window_nll) == 3 and math.isclose(res.window_nll[0], first.nll, rel_tol=1e-6)
     assert math.isclose(sum(res.window_nll) / 3, res.nll, rel_tol=1e-6)
+    # perplexity by position: 4 buckets over the 49 predicted positions (0, 12, 24, 36), each
+    # the hand-computed perplexity of its positions in every window
+    res4 = evaluate_windows(model, windows, chunk=16, buckets=4)
+    assert res4.bucket_start == [0, 12, 24, 36]
+    with torch.no_grad():
+        nll = torch.stack([-F.log_softmax(model(w[None]).logits[0, :-1].double(), -1).gather(1, w[1:, None])[:, 0]
+                           for w in windows])
+    for k, (a, b) in enumerate(zip(res4.bucket_start, [12, 24, 36, 49])):
+        assert math.isclose(res4.bucket_ppl[k], math.exp(nll[:, a:b].mean().item()), rel_tol=1e-5)
 
 
 def test_kl_against_itself_is_zero_and_against_a_perturbed_copy_positive():

@@ -82,3 +82,28 @@ def layers(model, tokenizer, out: str | Path, windows: int, seq_len: int, remove
         bars(bi, f"Block Influence (red: the {k} lowest, removed by ShortGPT at {remove_fraction:.0%})",
              "BI = 1 - mean cos(h_in, h_out)", tmp / "block_influence.png", lowest)
     return res
+
+
+TARGETS = (4096, 8192, 32768, 131072)
+
+
+def rope(model, tokenizer, out: str | Path, windows: int, seq_len: int, corpus: str = "wikitext2",
+         overwrite: bool = True) -> dict:
+    """The RoPE-base bound (Xu et al., 2024) for the model's head dim and base, the smallest base
+    each usual context length needs, and perplexity by position on long windows of the
+    evaluation text (where a model stops using its context): JSON and a PNG."""
+    from . import rope as R
+    from .measure import perplexity
+    from .plots import lines
+
+    rep = R.report(model.config)
+    rep["base_needed"] = {str(n): R.required_base(n, rep["head_dim"]) for n in TARGETS}
+    r = perplexity(model, tokenizer, corpus, seq_len, windows)
+    rep["by_position"] = {"corpus": corpus, "windows": r.windows, "seq_len": r.seq_len, "ppl": r.ppl,
+                          "bucket_start": r.bucket_start, "bucket_ppl": r.bucket_ppl}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "rope.json").write_text(json.dumps(rep, indent=1))
+        lines(r.bucket_start, {f"{r.windows} x {r.seq_len} tokens": r.bucket_ppl},
+              f"perplexity by position (rope base {rep['rope_theta']:g} supports {rep['supported_context']} tokens)",
+              "position in the window (bucket start)", "perplexity", tmp / "rope_by_position.png")
+    return rep

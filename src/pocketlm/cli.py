@@ -261,9 +261,16 @@ def analyze(
     group_size: int = typer.Option(128, help="group size of the measured grids"),
     layers: bool = typer.Option(False, "--layers", help="instead: ShortGPT Block Influence of every layer"),
     remove_fraction: float = typer.Option(0.25, help="with --layers: mark the lowest-BI layers of this fraction"),
+    rope: bool = typer.Option(False, "--rope", help="instead: the RoPE-base bound and perplexity by position "
+                                                    "on long evaluation windows"),
+    seq_len: Optional[int] = typer.Option(None, help="with --rope: tokens per window (default: the model's "
+                                                     "context, at most 8192)"),
+    windows: int = typer.Option(2, help="with --rope: evaluation windows"),
 ):
     """Per-linear quantization sensitivity (table, JSON, heat map PNG by layer and projection),
-    or with --layers the Block Influence of every decoder layer (table, JSON, bar chart PNG)."""
+    with --layers the Block Influence of every decoder layer (table, JSON, bar chart PNG), or
+    with --rope the context the rope base supports (Xu et al., 2024), the base each usual
+    context length needs, and perplexity by position on long windows (table, JSON, PNG)."""
     from . import analyze as ana
     from . import models
 
@@ -272,6 +279,31 @@ def analyze(
     check_output(out_dir, True, "dir", inputs=_local_inputs(model))
     if group_size != -1:
         _check("group-size", group_size, 1)
+    if rope:
+        _check("windows", windows, 1)
+        _check("seq-len", seq_len, 2)
+        longest = getattr(models.load_config(model), "max_position_embeddings", None) or 8192
+        if seq_len is not None and seq_len > longest:
+            raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); "
+                              f"use at most {longest}")
+        m, tok, _ = models.load(model)
+        res = ana.rope(m, tok, out_dir, windows, seq_len or min(longest, 8192))
+        t = Table(title=f"RoPE base {res['rope_theta']:g} at head dim {res['head_dim']}: supports "
+                        f"{res['supported_context']:,} tokens (trained on {res['trained_context'] or '?'})")
+        t.add_column("context")
+        t.add_column("smallest base that supports it", justify="right")
+        for n, b in res["base_needed"].items():
+            t.add_row(f"{int(n):,}", f"{b:.2g}")
+        out.print(t)
+        bp = res["by_position"]
+        t = Table(title=f"perplexity by position, {bp['windows']} x {bp['seq_len']} tokens of {bp['corpus']}")
+        t.add_column("positions from", justify="right")
+        t.add_column("perplexity", justify="right")
+        for start, v in zip(bp["bucket_start"], bp["bucket_ppl"]):
+            t.add_row(f"{start:,}", f"{v:.3f}")
+        out.print(t)
+        out.print(f"wrote {out_dir}/rope.json and rope_by_position.png")
+        return
     if layers:
         if not 0 < remove_fraction < 1:
             raise PocketError("--remove-fraction must lie between 0 and 1")

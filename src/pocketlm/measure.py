@@ -45,6 +45,10 @@ class EvalResult:
     #: two models on the same windows gets its standard error from these
     window_nll: list[float] = field(default_factory=list)
     window_kl: list[float] = field(default_factory=list)
+    #: perplexity of the tokens at positions [bucket_start[k], bucket_start[k + 1]) of every
+    #: window: where in a long window a model starts to lose track
+    bucket_start: list[int] = field(default_factory=list)
+    bucket_ppl: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,9 +135,10 @@ def _digest(windows: torch.Tensor) -> str:
 
 @torch.inference_mode()
 def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str = "custom",
-                     chunk: int = 512) -> EvalResult:
+                     chunk: int = 512, buckets: int = 8) -> EvalResult:
     """Score ``windows`` (n, L) of token ids with ``model`` (a transformers model or a scorer:
-    llama.cpp, a ReferenceCache) and optionally ``reference``; see the module doc."""
+    llama.cpp, a ReferenceCache) and optionally ``reference``; see the module doc. The
+    predicted positions are also split into ``buckets`` equal spans for perplexity by position."""
     t0 = time.perf_counter()
     scorer = as_scorer(model)
     ref = as_scorer(reference) if reference is not None else None
@@ -141,6 +146,9 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str =
     agree = count = 0
     n, seq_len = windows.shape
     per_nll, per_kl = [], []
+    starts = [k * (seq_len - 1) // buckets for k in range(buckets)]
+    edges = torch.tensor(starts[1:])
+    bucket_sum, bucket_count = torch.zeros(buckets, dtype=torch.float64), torch.zeros(buckets, dtype=torch.float64)
     with progress.bar("evaluating", n) as advance:
         for i, w in enumerate(windows):
             targets = w[1:]
@@ -149,8 +157,12 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str =
             ref_chunks = ref.window(i, w, chunk) if ref is not None else None
             for lp in scorer.window(i, w, chunk):
                 tgt = targets[at : at + lp.shape[0]]
+                token_nll = -lp.gather(1, tgt[:, None])[:, 0].double()
+                which = torch.bucketize(torch.arange(at, at + lp.shape[0]), edges, right=True)
+                bucket_sum.index_add_(0, which, token_nll)
+                bucket_count.index_add_(0, which, torch.ones_like(token_nll))
                 at += lp.shape[0]
-                nll += -lp.gather(1, tgt[:, None]).sum().item()
+                nll += token_nll.sum().item()
                 if ref_chunks is not None:
                     lp_ref = next(ref_chunks).to(lp)
                     ref_nll += -lp_ref.gather(1, tgt[:, None]).sum().item()
@@ -162,7 +174,8 @@ def evaluate_windows(model, windows: torch.Tensor, reference=None, corpus: str =
             advance()
     res = EvalResult(corpus=corpus, windows=n, seq_len=seq_len, stride=seq_len, tokens_scored=count,
                      dtype=scorer.dtype, ppl=math.exp(nll / count), nll=nll / count,
-                     seconds=time.perf_counter() - t0, window_nll=per_nll)
+                     seconds=time.perf_counter() - t0, window_nll=per_nll, bucket_start=starts,
+                     bucket_ppl=[math.exp(a / max(b, 1)) for a, b in zip(bucket_sum.tolist(), bucket_count.tolist())])
     if reference is not None:
         res.ref_ppl = math.exp(ref_nll / count)
         res.kl = kl / count

@@ -35,3 +35,18 @@ def bars(values: list[float], title: str, label: str, path: str | os.PathLike, h
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def lines(x: list[float], series: dict[str, list[float]], title: str, xlabel: str, ylabel: str,
+          path: str | os.PathLike) -> None:
+    """One line per named series over a shared x axis."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, ys in series.items():
+        ax.plot(x, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
