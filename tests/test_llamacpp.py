@@ -185,3 +185,14 @@ def test_gemma3_runs_in_llama_cpp_with_the_same_logits(tmp_path, tokenizer):
     same = _torch_vs_cpp(m, tmp_path / "q.gguf").kl
     dense = _torch_vs_cpp(make_tiny_gemma3(layers=3), tmp_path / "q.gguf").kl
     assert same < 0.1 * dense
+
+
+def test_bench_reports_the_kv_cache_llama_cpp_allocates(tmp_path, tokenizer):
+    """The KV memory llama.cpp reports for a context equals pocketlm's float16 accounting."""
+    from pocketlm import kv
+    from pocketlm.runtime.llamacpp import bench
+
+    m = make_tiny(layers=2)
+    G.write(m, tokenizer, tmp_path / "t.gguf")
+    r = bench(tmp_path / "t.gguf", threads=2, prompt=8, gen=2, reps=1, ctx=2048)
+    assert r["n_ctx"] == 2048 and r["kv_cache_mib"] == kv.cache_bytes(m.config, 2048) / 2**20 == 0.5

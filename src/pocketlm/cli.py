@@ -371,17 +371,20 @@ def bench_cmd(
     prompt: int = typer.Option(512, help="prompt tokens processed in one batch (pp)"),
     gen: int = typer.Option(128, help="tokens generated one at a time (tg)"),
     reps: int = typer.Option(3, help="repetitions; the best is reported"),
+    ctx: Optional[int] = typer.Option(None, help="context to allocate, for the KV cache it costs (default: "
+                                                 "prompt + gen)"),
 ):
-    """Prompt-processing and generation speed (tokens/s), file bytes, effective bpw and peak RSS of a GGUF file."""
+    """Prompt-processing and generation speed (tokens/s), file bytes, effective bpw, peak RSS and
+    the KV cache llama.cpp allocates for --ctx tokens, of a GGUF file."""
     from . import gguf_header
     from .runtime.llamacpp import bench
 
-    for name, v in (("threads", threads), ("prompt", prompt), ("gen", gen), ("reps", reps)):
+    for name, v in (("threads", threads), ("prompt", prompt), ("gen", gen), ("reps", reps), ("ctx", ctx)):
         _check(name, v, 1)
     if not model_file.is_file():
         raise PocketError(f"no such GGUF file: {model_file}")
     gguf_header.check(model_file)
-    res = bench(model_file, threads, prompt, gen, reps)
+    res = bench(model_file, threads, prompt, gen, reps, ctx)
     res["bpw"] = round(res["bytes"] * 8 / _gguf_params(model_file), 4)
     print(json.dumps(res))
 

@@ -3,7 +3,9 @@ llama-bench-style speed, and the tokenizer/chat the file carries."""
 from __future__ import annotations
 
 import os
+import re
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -54,11 +56,33 @@ class LlamaCppScorer:
             yield torch.log_softmax(torch.from_numpy(logits[c : c + chunk].copy()), dim=-1)
 
 
-def bench(path: str | os.PathLike, threads: int, prompt: int = 512, gen: int = 128, reps: int = 3) -> dict:
+@contextmanager
+def _llama_log():
+    """Collect llama.cpp's log lines while the block runs (pocketlm keeps them off the screen)."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+    keep = llama_cpp.llama_log_callback(lambda level, text, user: lines.append(text.decode("utf-8", "replace")))
+    llama_cpp.llama_log_set(keep, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def bench(path: str | os.PathLike, threads: int, prompt: int = 512, gen: int = 128, reps: int = 3,
+          ctx: int | None = None) -> dict:
     """Like llama-bench: prompt processing (``prompt`` tokens in one batch) and generation
-    (``gen`` tokens one at a time) in tokens/s, the best of ``reps`` runs, plus file bytes and
-    the process's peak RSS."""
-    llm = load(path, n_ctx=prompt + gen + 8, threads=threads, logits_all=False)
+    (``gen`` tokens one at a time) in tokens/s, the best of ``reps`` runs, plus file bytes, the
+    process's peak RSS, and the KV cache llama.cpp allocated for a context of ``ctx`` tokens
+    (default: the prompt and generated tokens), as its own log reports it."""
+    n_ctx = max(prompt + gen + 8, ctx or 0)
+    with _llama_log() as log:
+        llm = load(path, n_ctx=n_ctx, threads=threads, logits_all=False)
+    kv_mib = sum(float(m) for m in re.findall(r"KV buffer size\s*=\s*([0-9.]+) MiB", "".join(log)))
     rng = np.random.default_rng(0)
     vocab = llm.n_vocab()
     pp, tg = [], []
@@ -76,7 +100,7 @@ def bench(path: str | os.PathLike, threads: int, prompt: int = 512, gen: int = 1
         tg.append(gen / (time.perf_counter() - t))
     return {"file": str(path), "bytes": Path(path).stat().st_size, "threads": threads,
             "pp_tokens": prompt, "pp_tok_s": round(max(pp), 2), "tg_tokens": gen, "tg_tok_s": round(max(tg), 2),
-            "peak_rss_mib": round(_peak_rss_mib(), 1)}
+            "peak_rss_mib": round(_peak_rss_mib(), 1), "n_ctx": llm.n_ctx(), "kv_cache_mib": round(kv_mib, 2)}
 
 
 def _peak_rss_mib() -> float:
