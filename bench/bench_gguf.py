@@ -1,7 +1,8 @@
 """GGUF files against llama.cpp's own quantizer with an importance matrix, at equal bytes.
 
     .venv/bin/python bench/bench_gguf.py [--only a,b] [--windows 16] [--calib-windows 16]
-    .venv/bin/python bench/bench_gguf.py --speed A,B,... [--rounds 3]   # interleaved llama-bench runs of files
+    .venv/bin/python bench/bench_gguf.py --speed A,B,... [--rounds 3]   # interleaved llama-bench-style runs of files
+    .venv/bin/python bench/bench_gguf.py --llama-bench A,B,... [--rounds 3]   # the same with llama.cpp's llama-bench
     .venv/bin/python bench/table.py gguf                   # the table; --paired A B for differences
 
 Anchors, made by llama.cpp's own tools built from the pinned llama-cpp-python source
@@ -320,9 +321,35 @@ def speed(names: list[str], rounds: int = 3) -> None:
         _replace_line(RESULTS / f"{BENCH}_speed.jsonl", n, line)
 
 
+def llama_bench(names: list[str], rounds: int = 3, reps: int = 5) -> None:
+    """The same with llama.cpp's own ``llama-bench`` (no Python in the loop): each round runs
+    every file (pp512 and tg128, ``reps`` repetitions each, its mean and standard deviation);
+    rounds interleave the files; the per-round means are kept, and the median reported."""
+    import statistics
+
+    rows = {json.loads(x)["config"]: json.loads(x) for x in (RESULTS / f"{BENCH}.jsonl").read_text().splitlines()
+            if x.strip()}
+    got: dict[str, dict[str, list[float]]] = {n: {"pp": [], "tg": []} for n in names}
+    for _ in range(rounds):
+        for n in names:
+            out = subprocess.run([str(tools() / "llama-bench"), "-m", str(DIR / rows[n]["file"]), "-p", "512",
+                                  "-n", "128", "-r", str(reps), "-t", str(THREADS), "-o", "json"],
+                                 check=True, capture_output=True, text=True).stdout
+            for test in json.loads(out):
+                kind = "pp" if test["n_prompt"] > 0 else "tg"
+                got[n][kind].append(test["avg_ts"])
+    for n in names:
+        line = emit({"bench": "gguf-llama-bench", "config": n, "file": rows[n]["file"], "rounds": rounds,
+                     "reps": reps, "pp_tok_s": round(statistics.median(got[n]["pp"]), 2),
+                     "tg_tok_s": round(statistics.median(got[n]["tg"]), 2), "pp_rounds": got[n]["pp"],
+                     "tg_rounds": got[n]["tg"], "bench_threads": THREADS})
+        _replace_line(RESULTS / f"{BENCH}_llama_bench.jsonl", n, line)
+
+
 if __name__ == "__main__":
-    if "--speed" in sys.argv:
+    if "--speed" in sys.argv or "--llama-bench" in sys.argv:
         rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
-        speed(sys.argv[sys.argv.index("--speed") + 1].split(","), rounds)
+        flag = "--speed" if "--speed" in sys.argv else "--llama-bench"
+        (speed if flag == "--speed" else llama_bench)(sys.argv[sys.argv.index(flag) + 1].split(","), rounds)
     else:
         calibrated_main(__file__, BENCH, CONFIGS, one, 16)

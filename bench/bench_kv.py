@@ -1,6 +1,14 @@
-"""Fewer KV heads on the default model: SmolLM2-135M's 3 KV heads per layer merged into 1 (the
-float16 KV cache from 23,040 to 7,680 bytes per token), by mean pooling or after aligning the
-heads; and the aligned model quantized to IQ4_NL and run in llama.cpp.
+"""The KV cache of the default model, SmolLM2-135M, made smaller two ways.
+
+Fewer KV heads: the 3 KV heads per layer merged into 1 (the float16 KV cache from 23,040 to
+7,680 bytes per token), by mean pooling or after aligning the heads; and the aligned model
+quantized to IQ4_NL and run in llama.cpp (``kv1-*``).
+
+Sliding-window layers (``swa-*``): half the KV memory at 8,192 tokens with windows of 512
+tokens (16 of the 30 layers), the layers chosen by attention span on calibration text, or the
+last ones, or at random; scored on windows of 8,192 tokens (``--windows`` / 8 of them: the same
+text as the 2,048-token windows) with perplexity by position, against the float model on the
+same windows (``swa-none``). Calibration for the span: 4 windows of 2,048 tokens.
 
     .venv/bin/python bench/bench_kv.py [--calib-windows 16] [--windows 16] [--only a,b]
 
@@ -20,10 +28,39 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import calibrated_main, emit, eval_fields  # noqa: E402
 
-CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf"]
+CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf", "swa-none", "swa-span", "swa-last", "swa-random"]
+LONG = 8192
+
+
+def swa(name: str, windows: int, calib_windows: int) -> None:
+    import pocketlm
+    from pocketlm import kv, models
+    from pocketlm.context import CalibrationConfig
+    from pocketlm.data import eval_windows
+    from pocketlm.measure import ReferenceCache, evaluate_windows
+
+    model, tok, _ = models.load("smollm2-135m")
+    win = eval_windows(tok, "wikitext2", LONG, windows)
+    folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
+    cache = ReferenceCache.build(model, win, folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x{LONG}.f32")
+    before = kv.cache_bytes(model.config, LONG)
+    rep, seconds = {"layers": [], f"kv_bytes_at_{LONG}": [before, before]}, 0.0
+    if name != "swa-none":
+        choose = name.removeprefix("swa-")
+        stage = {"method": "sliding-window", "window": 512, "kv_fraction": 0.5, "context": LONG, "choose": choose}
+        res = pocketlm.compress(model, {"name": name, "stages": [stage]}, tokenizer=tok,
+                                calibration=CalibrationConfig(windows=calib_windows, seq_len=2048))
+        model, rep, seconds = res.model, res.stages[0], res.seconds
+    r = evaluate_windows(model, win, reference=cache, corpus="wikitext2")
+    emit({"bench": "kv", "config": name, "model": "smollm2-135m", "window": 512, "context": LONG,
+          "sliding_layers": rep["layers"], "kv_bytes_at_8192": rep[f"kv_bytes_at_{LONG}"],
+          "local_mass": rep.get("local_mass"), **eval_fields(r), "bucket_start": r.bucket_start,
+          "bucket_ppl": r.bucket_ppl, "compress_s": round(seconds, 1)})
 
 
 def one(name: str, windows: int, calib_windows: int) -> None:
+    if name.startswith("swa-"):
+        return swa(name, max(1, windows // 8), 4)
     import pocketlm
     from pocketlm import kv, models
     from pocketlm.context import CalibrationConfig

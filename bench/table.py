@@ -8,6 +8,7 @@ or compare two of its configurations window by window.
     python bench/table.py gguf --plot          # bench/results/gguf.png: KL and perplexity against file size
     python bench/table.py gguf --timing        # llama.cpp's imatrix path and pocketlm's, wall-clock
     python bench/table.py gguf-gemma3-270m --versus   # the same on another model's results
+    python bench/table.py kv                   # fewer KV heads and sliding-window layers
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
 """
 from __future__ import annotations
@@ -45,15 +46,49 @@ def cell(key: str, v) -> str:
 
 
 def main(name: str) -> None:
-    cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     norm = lambda x: x.replace("-", "_")  # noqa: E731
     rows = [r for r in _rows(name) if norm(r.get("bench", name)) == norm(name)]
-    if name.endswith("_speed"):
+    if name.endswith(("_speed", "_llama_bench")):
         return speed(rows)
+    if name == "kv":
+        return kv_tables(rows)
+    cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
     for r in rows:
         print("| " + " | ".join(cell(k, r.get(k)) for k, _ in cols) + " |")
+
+
+def kv_tables(rows: list[dict]) -> None:
+    """Fewer KV heads (against the float model and, paired over windows, mean against aligned
+    merging); then sliding-window layers on long windows (perplexity by position)."""
+    by = {r["config"]: r for r in rows}
+    print("| config | KV heads | KV bytes/token (f16) | key error | value error | perplexity | KL | top-1 | "
+          "KL vs kv1-mean (paired, +- SE) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    base = by.get("kv1-mean")
+    for r in rows:
+        if not r["config"].startswith("kv1"):
+            continue
+        m = r["merge"]
+        d = (f"{_diff(base['window_kl'], r['window_kl'])[0]:+.4f} +- {_diff(base['window_kl'], r['window_kl'])[1]:.4f}"
+             if base and r is not base and r.get("runtime") is None else "–")
+        print(f"| {r['config']} | {r['kv_heads'][0]} -> {r['kv_heads'][1]} | {r['kv_bytes_per_token_f16'][0]:,} -> "
+              f"{r['kv_bytes_per_token_f16'][1]:,} | {r['key_error'][m]:.3f} (mean {r['key_error']['mean']:.3f}) | "
+              f"{r['value_error'][m]:.3f} (mean {r['value_error']['mean']:.3f}) | {r['ppl']:.3f} | {r['kl']:.4f} | "
+              f"{r['top1']:.4f} | {d} |")
+    swa = [r for r in rows if r["config"].startswith("swa-")]
+    if not swa:
+        return
+    print()
+    starts = swa[0]["bucket_start"]
+    print("| config | sliding layers | KV MiB at 8,192 (f16) | perplexity | KL | " +
+          " | ".join(f"ppl from {s:,}" for s in starts[::2]) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in starts[::2]) + " |")
+    for r in swa:
+        kvb = r["kv_bytes_at_8192"]
+        print(f"| {r['config']} | {len(r['sliding_layers'])} | {kvb[0] / 2**20:.0f} -> {kvb[1] / 2**20:.0f} | "
+              f"{r['ppl']:.3f} | {r['kl']:.4f} | " + " | ".join(f"{v:.2f}" for v in r["bucket_ppl"][::2]) + " |")
 
 
 def speed(rows: list[dict]) -> None:

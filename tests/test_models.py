@@ -39,6 +39,15 @@ def test_unsupported_architecture_is_named():
     with pytest.raises(PocketError, match=r"unsupported architecture 'gpt2'; pocketlm supports: llama"):
         models.ModelAdapter(m)
 
+    # Phi-3 fuses q/k/v and gate/up into single linears: refused by name, not half supported
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    phi = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "phi3", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    with pytest.raises(PocketError, match=r"unsupported architecture 'phi3'"):
+        models.ModelAdapter(phi)
+
 
 def test_bad_model_specs_give_clear_errors(tmp_path):
     with pytest.raises(PocketError, match="no such GGUF file"):

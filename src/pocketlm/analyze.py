@@ -107,3 +107,22 @@ def rope(model, tokenizer, out: str | Path, windows: int, seq_len: int, corpus: 
               f"perplexity by position (rope base {rep['rope_theta']:g} supports {rep['supported_context']} tokens)",
               "position in the window (bucket start)", "perplexity", tmp / "rope_by_position.png")
     return rep
+
+
+def attention(model, tokenizer, out: str | Path, windows: int, seq_len: int, widths=None,
+              overwrite: bool = True) -> dict:
+    """Per layer, the share of attention mass within the last w keys on calibration text (how
+    local each layer is; the most local ones are the candidates for sliding-window layers):
+    JSON and a heat map (layers x widths)."""
+    from .attention.span import WIDTHS, attention_span
+    from .plots import heatmap
+
+    widths = [w for w in (widths or WIDTHS) if w < seq_len]
+    win = calibration_windows(tokenizer, windows, seq_len)
+    span = attention_span(model, win, widths)
+    res = {"widths": widths, "local_mass": span, "calibration": {"windows": windows, "seq_len": seq_len}}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "attention_span.json").write_text(json.dumps(res, indent=1))
+        heatmap(np.array(span), [str(i) for i in range(len(span))], [str(w) for w in widths],
+                "share of attention mass within the last w tokens", "share", tmp / "attention_span.png")
+    return res

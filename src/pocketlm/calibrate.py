@@ -92,6 +92,9 @@ class LayerProcessor:
     #: Does ``process`` change the layer (so its outputs must be recomputed)?
     modifies_layer: bool = True
 
+    def begin(self, layer: LayerView) -> None:
+        """Called before the layer's windows run (e.g. to hook a module other than a linear)."""
+
     def wants(self, name: str) -> bool:
         """Hook this linear (full name) and pass its inputs to ``observe``."""
         return False
@@ -187,6 +190,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                 prefix = f"{dec_prefix}.{idx}"
                 lin = {f"{prefix}.{k}": m for k, m in layer.named_modules() if isinstance(m, nn.Linear)}
                 view = LayerView(idx, prefix, layer, lin, inputs, kwargs[idx], kwargs, compute_dtype)
+                processor.begin(view)
                 last = {}  # the previous hooked input in this window, to detect shared inputs
                 handles = [m.register_forward_hook(_observer(processor, name, last))
                            for name, m in lin.items() if processor.wants(name)]

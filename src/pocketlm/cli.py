@@ -266,6 +266,8 @@ def analyze(
     seq_len: Optional[int] = typer.Option(None, help="with --rope: tokens per window (default: the model's "
                                                      "context, at most 8192)"),
     windows: int = typer.Option(2, help="with --rope: evaluation windows"),
+    attention: bool = typer.Option(False, "--attention", help="instead: per layer, the share of attention mass "
+                                                              "within the last 64..1024 tokens (how local it is)"),
 ):
     """Per-linear quantization sensitivity (table, JSON, heat map PNG by layer and projection),
     with --layers the Block Influence of every decoder layer (table, JSON, bar chart PNG), or
@@ -279,6 +281,18 @@ def analyze(
     check_output(out_dir, True, "dir", inputs=_local_inputs(model))
     if group_size != -1:
         _check("group-size", group_size, 1)
+    if attention:
+        m, tok, _ = models.load(model)
+        res = ana.attention(m, tok, out_dir, calib_windows, calib_len)
+        t = Table(title=f"share of attention mass within the last w tokens ({model}; high = local)")
+        t.add_column("layer", justify="right")
+        for w in res["widths"]:
+            t.add_column(f"w={w}", justify="right")
+        for i, row in enumerate(res["local_mass"]):
+            t.add_row(str(i), *[f"{v:.3f}" for v in row])
+        out.print(t)
+        out.print(f"wrote {out_dir}/attention_span.json and attention_span.png")
+        return
     if rope:
         _check("windows", windows, 1)
         _check("seq-len", seq_len, 2)

@@ -86,7 +86,9 @@ class CompressionResult:
 def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=None,
              calibration: "CalibrationConfig | torch.Tensor | None" = None, device: str = "cpu",
              after_stage=None) -> CompressionResult:
-    """Compress ``model`` in place with ``recipe`` (a Recipe, dict, preset name or YAML path).
+    """Compress ``model`` in place with ``recipe`` (a Recipe, dict, preset name or YAML path);
+    the result's ``model`` is the compressed one (a new object when a stage rewrites the
+    architecture, e.g. ``sliding-window`` on a Llama model).
 
     ``model`` may be a loaded transformers model or a model spec (then it is loaded).
     ``calibration`` is a CalibrationConfig, or a tensor of token windows (n, L) to use as is.
@@ -113,8 +115,8 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         reports.append({"method": stage.method, "seconds": round(time.perf_counter() - ts, 2), **rep})
         if after_stage is not None and k + 1 < len(recipe.stages):
             part = recipe.model_copy(update={"stages": recipe.stages[: k + 1]})
-            after_stage(CompressionResult(model, tokenizer, part, ctx, _spent(reports), list(reports), source))
-    return CompressionResult(model, tokenizer, recipe, ctx, _spent(reports), reports, source)
+            after_stage(CompressionResult(ctx.model, tokenizer, part, ctx, _spent(reports), list(reports), source))
+    return CompressionResult(ctx.model, tokenizer, recipe, ctx, _spent(reports), reports, source)
 
 
 def _spent(reports: list[dict]) -> float:

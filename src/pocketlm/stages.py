@@ -46,3 +46,14 @@ class Stage(BaseModel):
     def run(self, ctx) -> dict:
         """Compress ``ctx.model`` in place; return a small summary for the report."""
         raise NotImplementedError
+
+    def grids(self) -> list:
+        """What the stage may put linears on: integer grids (``quant.grid.QuantSpec``) or GGML
+        type names; empty for a stage that does not quantize (the GGUF export checks these
+        before any work)."""
+        return []
+
+    def gguf_blocker(self, config) -> str | None:
+        """Why llama.cpp could not run this model after the stage, if it could not (checked
+        before any work when a recipe exports GGUF)."""
+        return None

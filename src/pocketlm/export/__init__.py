@@ -45,10 +45,11 @@ class ExportTarget(BaseModel):
         check_exportable(config)
         check_type(self.type), check_type(self.embed_type)
         for k, st in enumerate(stages, 1):
-            if getattr(st, "format", None) is not None or getattr(st, "formats", None) is not None:  # GGML types
-                continue
-            specs = st.specs() if hasattr(st, "specs") else [st.spec()] if hasattr(st, "spec") else []
-            off = [s.label() for s in specs if format_for(s) is None]
+            why = st.gguf_blocker(config)
+            if why:
+                raise PocketError(f"stage {k} ({st.method}): {why}")
+        for k, st in enumerate(stages, 1):  # GGML type names always fit; integer grids must match one
+            off = [g.label() for g in st.grids() if not isinstance(g, str) and format_for(g) is None]
             if off:
                 raise PocketError(f"stage {k} ({st.method}) quantizes onto {off[0]}, which no GGUF block type holds; "
                                   f"give it format: gguf-q4_k (or formats: [...] for aptq), or drop the gguf export")

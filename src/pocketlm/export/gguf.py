@@ -44,6 +44,10 @@ def check_exportable(config) -> str:
     mt = getattr(config, "model_type", None)
     if mt not in ARCHITECTURES:
         raise PocketError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not '{mt}'")
+    if mt != "gemma3_text" and "sliding_attention" in (getattr(config, "layer_types", None) or []) \
+            and getattr(config, "use_sliding_window", True):
+        raise PocketError(f"this {mt} model has sliding-window layers, which llama.cpp's {mt} graph does not "
+                          "run (it would attend globally); keep it in transformers")
     return ARCHITECTURES[mt][0]
 
 

@@ -191,6 +191,9 @@ class APTQ(Stage):
         return [QuantSpec(bits=b, group_size=g, sym=self.sym, clip=self.clip)
                 for b, g in itertools.product(self.bits, self.group_sizes)]
 
+    def grids(self) -> list:
+        return self.specs()
+
     def option_bits(self, spec, shape) -> int:
         return ggml_bits(spec, shape) if isinstance(spec, str) else spec.storage_bits(*shape)
 

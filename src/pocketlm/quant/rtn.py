@@ -66,6 +66,9 @@ class QuantStage(Stage):
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, clip=self.clip)
 
+    def grids(self) -> list:
+        return [get_type(self.format).name] if self.format is not None else [self.spec()]
+
     def ggml_type(self, name: str, d_in: int) -> str | None:
         """The GGML type a linear gets (llama.cpp's fallback for rows the type cannot hold)."""
         if self.format is None:

@@ -1,0 +1,125 @@
+"""Sliding-window layers: turn some decoder layers into local-attention layers that keep only
+the last ``window`` tokens in the KV cache, the others staying global (hybrid local/global
+attention, as Gemma 3 ships it), to a KV budget at a given context.
+
+Which layers: the most local ones on calibration text (``span``: the largest share of attention
+mass within the window, ``attention.span``), or the last ones, or random ones (baselines).
+
+Where the runtimes can express it: transformers takes per-layer sliding windows for Gemma 3,
+Qwen2/Qwen3 (``layer_types``); a Llama/Mistral model is rewritten as the Qwen2 architecture,
+which computes the same function (Qwen2's q/k/v biases are set to zero) and honours per-layer
+windows. llama.cpp runs per-layer windows for Gemma 3 only; a converted Qwen2 model is refused
+at GGUF export with a one-line reason."""
+from __future__ import annotations
+
+import math
+import random
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from .. import kv
+from ..errors import PocketError
+from ..models import ModelAdapter
+from ..stages import Stage, register
+from .span import attention_span
+
+NATIVE = ("gemma3_text", "qwen2", "qwen3")  # transformers architectures with per-layer windows
+REWRITE = {"llama": "qwen2", "mistral": "qwen2"}  # same function, an architecture that has them
+
+
+def rebuild(model, model_type: str, **changes):
+    """The same weights in a model of ``model_type`` with config ``changes`` (a new object).
+    Parameters the new architecture adds must be biases, and start at zero."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = model.config.to_dict()
+    for k in ("model_type", "architectures", "transformers_version", "_name_or_path", "auto_map"):
+        d.pop(k, None)
+    d.update(changes)
+    new = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **d), dtype=model.dtype)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not n.endswith("_proj.bias") for n in missing):
+        raise PocketError(f"cannot rewrite {model.config.model_type} as {model_type}: weights {unexpected[:2]} "
+                          f"unused, {missing[:2]} missing")
+    with torch.no_grad():
+        for n in missing:
+            new.get_parameter(n).zero_()
+    return new.to(next(model.parameters()).device).eval()
+
+
+@register
+class SlidingWindow(Stage):
+    """Turn ``n`` layers (or as many as the KV budget needs) into sliding-window layers."""
+
+    method: Literal["sliding-window"] = "sliding-window"
+    window: int = Field(512, ge=1, description="tokens a sliding-window layer attends to (and caches)")
+    n: int | None = Field(None, ge=1, description="how many layers to convert")
+    kv_fraction: float | None = Field(None, gt=0, lt=1, description="instead: the share of the KV cache at "
+                                                                      "`context` tokens to keep")
+    context: int = Field(8192, ge=2, description="the context the KV budget is for")
+    choose: Literal["span", "last", "random"] = Field("span", description="the most local layers on calibration "
+                                                                           "text, the last ones, or random ones")
+    seed: int = Field(0, description="seed for choose=random")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.n is None) == (self.kv_fraction is None):
+            raise ValueError("give exactly one of n or kv_fraction")
+        if self.window >= self.context:
+            raise ValueError(f"window {self.window} must be shorter than context {self.context}")
+        return self
+
+    def gguf_blocker(self, config) -> str | None:
+        if config.model_type != "gemma3_text":
+            return (f"llama.cpp runs per-layer sliding windows for Gemma 3 only, not for {config.model_type} "
+                    "(the converted model runs in transformers); drop the GGUF export")
+        return None
+
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.choose == "span"
+
+    def count(self, n_layers: int) -> int:
+        if self.n is not None:
+            k = self.n
+        else:  # (n - k) C + k w <= f n C
+            k = math.ceil(n_layers * self.context * (1 - self.kv_fraction) / (self.context - self.window) - 1e-9)
+        if k > n_layers:
+            raise PocketError(f"a KV budget of {self.kv_fraction:.0%} at {self.context} tokens needs {k} of "
+                              f"{n_layers} layers with window {self.window}; use a smaller window or a larger budget")
+        return max(k, 1)
+
+    def run(self, ctx) -> dict:
+        model = ctx.model
+        mt = model.config.model_type
+        if mt not in NATIVE and mt not in REWRITE:
+            raise PocketError(f"sliding-window layers: no runtime takes them for '{mt}' models")
+        types = list(getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers)
+        full = [i for i, t in enumerate(types) if t != "sliding_attention"]
+        k = self.count(len(types))
+        if k > len(full):
+            raise PocketError(f"only {len(full)} layers are global; cannot convert {k}")
+        span = None
+        if self.choose == "span":
+            windows = ctx.windows()
+            if windows.shape[1] <= self.window:
+                raise PocketError(f"calibration windows of {windows.shape[1]} tokens cannot show attention beyond a "
+                                  f"window of {self.window}; calibrate on longer windows (--calib-len)")
+            span = [row[0] for row in attention_span(model, windows, (self.window,), ctx.calibration.offload)]
+            chosen = sorted(sorted(full, key=lambda i: -span[i])[:k])
+        elif self.choose == "last":
+            chosen = full[-k:]
+        else:
+            chosen = sorted(random.Random(self.seed).sample(full, k))
+        before = kv.cache_bytes(model.config, self.context)
+        for i in chosen:
+            types[i] = "sliding_attention"
+        changes = {"layer_types": types, "sliding_window": self.window}
+        if mt in ("qwen2", "qwen3") or mt in REWRITE:
+            changes.update(use_sliding_window=True, max_window_layers=0)
+        new = rebuild(model, REWRITE.get(mt, mt), **changes)
+        ctx.model, ctx.adapter = new, ModelAdapter(new)
+        return {"layers": chosen, "window": self.window, "architecture": [mt, new.config.model_type],
+                "local_mass": span, f"kv_bytes_at_{self.context}": [before, kv.cache_bytes(new.config, self.context)]}
