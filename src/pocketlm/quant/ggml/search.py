@@ -71,26 +71,35 @@ def fit_scale(x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor, factors: t
     ends = [e for e in (lo, hi) if e != 0 and not (e == hi and lo == -hi)]  # map the extreme onto an end
     uniform = is_uniform(levels)
     wx = w * x
+    swxx = (wx * x).sum(-1, dtype=torch.float64)
     best_a = torch.zeros_like(xmax)
-    best_err = torch.full_like(xmax, float("inf"))
+    best_err = torch.full(xmax.shape, float("inf"), dtype=torch.float64)
     safe_max = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
+    first = None
     for end in ends:
         for f in factors.tolist():
             cand = safe_max / (end * f)
             if round16:
                 cand = fp16(cand)
             cand = torch.where(cand == 0, torch.full_like(cand, 2.0**-24), cand)
+            first = cand if first is None else first
             L = _values(x / cand[:, None], levels, uniform)
-            sxl = (wx * L).sum(-1)
-            sll = (w * L * L).sum(-1)
-            refit = torch.where(sll > 0, sxl / torch.where(sll > 0, sll, torch.ones_like(sll)), cand)
+            sxl = (wx * L).sum(-1, dtype=torch.float64)
+            sll = (w * L * L).sum(-1, dtype=torch.float64)
+            refit = torch.where(sll > 0, sxl / torch.where(sll > 0, sll, torch.ones_like(sll)), cand.double()).float()
             if round16:
                 refit = fp16(refit)
             for a in (cand, refit):  # the candidate, and its refit on the same codes (an upper bound)
-                err = (w * (x - a[:, None] * L).pow(2)).sum(-1)  # directly: the expanded form cancels
+                a64 = a.double()  # the error from the block's sums, in float64: no pass over the weights
+                err = swxx - 2 * a64 * sxl + a64 * a64 * sll
                 better = err < best_err
                 best_a = torch.where(better, a, best_a)
                 best_err = torch.where(better, err, best_err)
+    # the sums rank near-ties only to float32 products; the range-based scale (the first
+    # candidate) is compared exactly, so the result is never worse than it
+    exact = [(w * (x - a[:, None] * _values(x / _safe(a)[:, None], levels, uniform)).pow(2)).sum(-1)
+             for a in (best_a, first)]
+    best_a = torch.where(exact[1] < exact[0], first, best_a)
     return torch.where(xmax == 0, torch.zeros_like(best_a), best_a)
 
 
