@@ -127,7 +127,10 @@ def _diff(x: list[float], y: list[float]) -> tuple[float, float]:
 
 
 def _rows(name: str) -> list[dict]:
-    return [json.loads(line) for line in (RESULTS / f"{name}.jsonl").read_text().splitlines() if line.strip()]
+    path = RESULTS / f"{name}.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"no results for {name}: run its benchmark (bench/bench_*.py) first")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 ANCHORS = ("llama.cpp", "auto-round")
@@ -250,8 +253,12 @@ def update_docs() -> None:
 
         def fill(m: re.Match) -> str:
             buf = io.StringIO()
-            with contextlib.redirect_stdout(buf):
-                run(m.group("args").split())
+            try:
+                with contextlib.redirect_stdout(buf):
+                    run(m.group("args").split())
+            except SystemExit as e:  # no results yet: leave the block as it is
+                print(f"{doc.name}: table {m.group('args')!r} left as it was ({e})")
+                return m.group(0)
             return m.group(1) + buf.getvalue() + m.group(4)
 
         new = BLOCK.sub(fill, text)
