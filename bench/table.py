@@ -8,7 +8,7 @@ or compare two of its configurations window by window.
     python bench/table.py gguf --plot          # bench/results/gguf.png: KL and perplexity against file size
     python bench/table.py gguf --timing        # llama.cpp's imatrix path and pocketlm's, wall-clock
     python bench/table.py gguf-gemma3-270m --versus   # the same on another model's results
-    python bench/table.py kv                   # fewer KV heads and sliding-window layers
+    python bench/table.py kv [--swa]           # fewer KV heads; --swa: sliding-window layers
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
 """
 from __future__ import annotations
@@ -77,10 +77,13 @@ def kv_tables(rows: list[dict]) -> None:
               f"{r['kv_bytes_per_token_f16'][1]:,} | {r['key_error'][m]:.3f} (mean {r['key_error']['mean']:.3f}) | "
               f"{r['value_error'][m]:.3f} (mean {r['value_error']['mean']:.3f}) | {r['ppl']:.3f} | {r['kl']:.4f} | "
               f"{r['top1']:.4f} | {d} |")
-    swa = [r for r in rows if r["config"].startswith("swa-")]
+
+
+def swa_table(name: str = "kv") -> None:
+    """Sliding-window layers on long windows: perplexity by position."""
+    swa = [r for r in _rows(name) if r["config"].startswith("swa-")]
     if not swa:
-        return
-    print()
+        raise SystemExit("no sliding-window results yet: run bench/bench_kv.py --only swa-none,swa-span,...")
     starts = swa[0]["bucket_start"]
     print("| config | sliding layers | KV MiB at 8,192 (f16) | perplexity | KL | " +
           " | ".join(f"ppl from {s:,}" for s in starts[::2]) + " |")
@@ -232,6 +235,8 @@ def run(args: list[str]) -> None:
         timing(args[0])
     elif len(args) == 2 and args[0].startswith("gguf") and args[1] == "--plot":
         plot(args[0])
+    elif args == ["kv", "--swa"]:
+        swa_table()
     elif len(args) == 1:
         main(args[0])
     else:
