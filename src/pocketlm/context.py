@@ -126,6 +126,7 @@ class Context:
     dense: dict[str, torch.Tensor] = field(default_factory=dict)  # their weights before pruning, if kept
     keep_dense: bool = False  # a later stage (a mask rebuild) needs the dense weights
     pruned_by: str | None = None  # the method that chose the masks
+    teacher: nn.Module | None = None  # the model before the recipe, for stages that distil from it
 
     def __post_init__(self):
         self.adapter = ModelAdapter(self.model)

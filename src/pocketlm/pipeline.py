@@ -1,6 +1,7 @@
 """Run a recipe on a model, and write the result (atomically) with its manifest."""
 from __future__ import annotations
 
+import copy
 import json
 import platform
 import time
@@ -104,6 +105,8 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         target.check(model.config, recipe.stages)
     ctx = Context(model=model, tokenizer=tokenizer, device=device,
                   keep_dense=any(s.needs_dense_weights for s in recipe.stages))
+    if any(s.needs_teacher for s in recipe.stages):
+        ctx.teacher = copy.deepcopy(model).requires_grad_(False)
     if isinstance(calibration, torch.Tensor):
         ctx.calib_windows = calibration
     elif calibration is not None:

@@ -63,3 +63,17 @@ def restore(model: nn.Module, path: Path) -> int:
         with torch.no_grad():
             param.copy_(w.to(param.dtype))
     return len(names)
+
+
+def masks(path: Path) -> dict[str, torch.Tensor]:
+    """{linear name: kept-weights mask} of a ``sparse.safetensors`` file."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise PocketError(f"{path} is damaged ({e}); re-run the compression that wrote it") from None
+    out = {}
+    for key in sorted({k.rsplit(".", 1)[0] for k in tensors}):
+        d_in = int(tensors[f"{key}.shape"][1])
+        keep = np.unpackbits(tensors[f"{key}.mask"].numpy(), axis=1, count=d_in).astype(bool)
+        out[key.removesuffix(".weight")] = torch.from_numpy(keep)
+    return out

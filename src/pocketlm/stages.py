@@ -38,6 +38,8 @@ class Stage(BaseModel):
     needs_calibration: ClassVar[bool] = False
     #: Whether the stage needs the weights as they were before pruning (a mask rebuild).
     needs_dense_weights: ClassVar[bool] = False
+    #: Whether the stage needs the model as it was before the recipe (a distillation teacher).
+    needs_teacher: ClassVar[bool] = False
 
     def selects(self, name: str) -> bool:
         hit = any(fnmatch.fnmatchcase(name, p) for p in self.targets)

@@ -1,0 +1,145 @@
+"""Recovery by distillation on the default model, SmolLM2-135M: a compressed model fine-tuned
+toward the float one on the Python-docs calibration text only, then scored on WikiText-2.
+
+    .venv/bin/python bench/bench_recover.py [--tokens 300000] [--windows 16] [--only a,b]
+
+Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
+``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
+(3-bit, tuned on its own grid: scales only, codes fixed), ``kv1-aligned`` (3 KV heads merged into
+1 after alignment); each reports the compressed model (``NAME``, measured before recovery, in
+the same run) and the recovered one (``NAME+recover``), and checks that the structure survived
+training and a save and reload (pruned weights zero, N:M groups, layer and head counts, codes on
+the grid). ``memory-2GiB`` plans a LoRA recovery of the 2:4 model to 2 GiB and runs it, and
+runs the same micro-batch without recomputation, each in its own process, reading the
+kernel's peak RSS.
+
+One JSON line per result (also in bench/results/recover.jsonl): perplexity, KL and top-1 against
+the float model (its log-probabilities cached in POCKETLM_REF_CACHE, default /tmp) on the first
+N windows of 2048 tokens, training tokens, wall time, the loss curve, the plan and peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import emit, eval_fields, hwm_mib, reset_peak_rss, run_configs  # noqa: E402
+
+COMPRESS = {
+    "shortgpt-25": [{"method": "remove-layers", "fraction": 0.25}],
+    "wanda-2of4+barber": [{"method": "wanda", "pattern": "2:4"}, {"method": "barber"}],
+    "gptq-w3-g128": [{"method": "gptq", "bits": 3, "group_size": 128}],
+    "kv1-aligned": [{"method": "kv-heads", "kv_heads": 1, "merge": "aligned"}],
+}
+MEMORY = ["memory-2GiB-planned", "memory-2GiB-unplanned"]
+CONFIGS = [*COMPRESS, *MEMORY]
+
+
+def structure(model, ctx) -> dict:
+    """What recovery must not change, read from the model itself."""
+    import torch
+
+    zeros_kept = all(bool((model.get_submodule(n).weight[~k] == 0).all()) for n, k in ctx.masks.items())
+    nm = None
+    if ctx.masks:
+        k = next(iter(ctx.masks.values()))
+        nm = int(k.reshape(k.shape[0], -1, 4).sum(-1).max()) if k.shape[1] % 4 == 0 else None
+    on_grid = True
+    for name, rec in ctx.quant.items():
+        w = model.get_submodule(name).weight.detach()
+        if hasattr(rec, "to_quantized"):
+            on_grid &= bool(torch.equal(rec.to_quantized(w).dequantize(), w.float()))
+    cfg = model.config
+    return {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads, "pruned_weights_zero": zeros_kept,
+            "max_kept_per_4": nm, "codes_on_grid": on_grid,
+            "sparsity": ctx.size_report()["sparsity"]}
+
+
+def measure(name: str, model, tok, res, cache, windows: int, extra: dict | None = None) -> None:
+    import pocketlm
+    from pocketlm import models
+
+    rep = structure(model, res.context)
+    if name.endswith("+recover"):  # the structure after a save and a reload, too
+        with tempfile.TemporaryDirectory() as d:
+            res.save(Path(d) / "out")
+            back, _, _ = models.load(str(Path(d) / "out"))
+            ctx = res.context
+            rep["reloaded_equal"] = all(
+                bool((back.get_submodule(n).weight == model.get_submodule(n).weight).all())
+                for n in [*ctx.masks, *ctx.quant][:50])
+            rep["reloaded_layers"] = back.config.num_hidden_layers
+            del back
+    r = pocketlm.perplexity(model, tok, "wikitext2", 2048, windows, reference=cache)
+    stages = [{k: v for k, v in s.items() if k not in ("curve", "block_influence")} for s in res.stages]
+    curve = next((s["curve"] for s in res.stages if "curve" in s), None)
+    emit({"bench": "recover", "config": name, "model": "smollm2-135m", "stages": stages, **rep, **eval_fields(r),
+          "compress_s": round(res.seconds, 1), "curve": curve, **(extra or {})})
+
+
+def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) -> None:
+    import pocketlm
+    from pocketlm import models
+    from pocketlm.context import CalibrationConfig
+    from pocketlm.data import eval_windows
+    from pocketlm.measure import ReferenceCache
+
+    model, tok, _ = models.load("smollm2-135m")
+    if name in MEMORY:
+        return memory_run(name, model, tok)
+    folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
+    cache = ReferenceCache.build(model, eval_windows(tok, "wikitext2", 2048, windows),
+                                 folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32")
+    recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {})}
+    stages = [*COMPRESS[name], recover]
+    calib = CalibrationConfig(windows=16, seq_len=2048)
+    last = len(stages) - 2
+
+    def before(part):
+        if len(part.stages) == last + 1:
+            measure(name, part.model, tok, part, cache, windows)
+    res = pocketlm.compress(model, {"name": f"{name}+recover", "stages": stages}, tokenizer=tok, calibration=calib,
+                            after_stage=before)
+    measure(f"{name}+recover", res.model, tok, res, cache, windows)
+
+
+def memory_run(name: str, model, tok) -> None:
+    """LoRA recovery of a 2:4 (magnitude) model: planned to 2 GiB, or the plan's micro-batch
+    with nothing recomputed (the plan is made with room to spare, then its states ignored)."""
+    import pocketlm
+    from pocketlm.recover import plan as planner
+
+    planned = name.endswith("-planned")
+    if not planned:  # same micro-batch, no recomputation
+        planner.apply = lambda model, states: []
+    rec = {"method": "recover", "tokens": 4 * 8 * 1024, "seq_len": 1024, "windows_per_step": 8, "mode": "lora",
+           "memory": "2GiB"}
+    reset_peak_rss()
+    res = pocketlm.compress(model, {"name": name, "stages": [{"method": "magnitude", "pattern": "2:4"}, rec]},
+                            tokenizer=tok)
+    s = res.stages[-1]
+    emit({"bench": "recover", "config": name, "model": "smollm2-135m", "budget_mib": 2048,
+          "plan": s["plan"], "predicted_peak_mib": round(s["plan"]["predicted_peak_bytes"] / 2**20, 1),
+          "measured_peak_mib": round(s["peak_rss_bytes"] / 2**20, 1), "process_peak_mib": round(hwm_mib(), 1),
+          "recompute_applied": planned, "tokens": s["tokens"], "seconds_training": s["seconds_training"],
+          "loss_first": s["loss_first"], "loss_last": s["loss_last"]})
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one")
+    ap.add_argument("--only", help="comma-separated subset of configurations")
+    ap.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
+    ap.add_argument("--tokens", type=int, default=300_000, help="training tokens")
+    ap.add_argument("--optimizer", default="adamw")
+    ap.add_argument("--lr", type=float, default=None)
+    a = ap.parse_args()
+    if a.one:
+        one(a.one, a.windows, a.tokens, a.optimizer, a.lr)
+    else:
+        names = a.only.split(",") if a.only else list(CONFIGS)
+        extra = ["--windows", str(a.windows), "--tokens", str(a.tokens), "--optimizer", a.optimizer]
+        run_configs(__file__, "recover", names, extra + (["--lr", str(a.lr)] if a.lr else []))

@@ -1,0 +1,35 @@
+"""The process's resident memory, as the kernel counts it (Linux /proc; 0 elsewhere)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+
+
+def _field(name: str) -> int:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss() -> int:
+    """Resident bytes now."""
+    return _field("VmRSS")
+
+
+def peak() -> int:
+    """Highest resident bytes since the process started or since ``reset_peak``."""
+    return _field("VmHWM")
+
+
+def reset_peak() -> bool:
+    """Start counting the peak afresh (Linux: writing 5 to clear_refs); False if not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
