@@ -124,9 +124,9 @@ def compress(
     _summary(model, rec.name, man, time.perf_counter() - t0, path)
 
 
-def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path) -> None:
+def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path, command: str = "compress") -> None:
     size, ev = man["size"], man.get("eval") or {}
-    t = Table(title=f"pocketlm compress {model} ({recipe})")
+    t = Table(title=f"pocketlm {command} {model} ({recipe})")
     t.add_column("")
     t.add_column("base", justify="right")
     t.add_column("compressed", justify="right")
@@ -140,6 +140,13 @@ def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path) -> 
     removed = [r for s in man["stages"] for r in (s.get("removed") or [])]
     if removed:
         t.add_row("decoder layers removed", "", f"{len(removed)}: {removed}")
+    for s in man["stages"]:
+        if s.get("method") == "recover":
+            t.add_row(f"recovery: {s['tokens']:,} tokens, distillation loss", _fmt(s["loss_first"], 4),
+                      _fmt(s["loss_last"], 4))
+            if s.get("plan"):
+                t.add_row("recovery peak memory: predicted, measured", _bytes(s["plan"]["predicted_peak_bytes"]),
+                          _bytes(s["peak_rss_bytes"]))
     t.add_row("bits per weight, quantized linears", "16", _fmt(size["bpw_quantized"], 4))
     t.add_row("bits per weight, whole model (others 16-bit)", "16", _fmt(size["bpw_model"], 4))
     t.add_row("packed size (16-bit tensors, packed codes, sparse bitmasks)", "", _bytes(size["packed_bytes"]))
@@ -353,6 +360,45 @@ def analyze(
         t.add_row(r, *[f"{x:.3g}" for x in v])
     out.print(t)
     out.print(f"wrote {out_dir}/sensitivity.json and heat maps")
+
+
+@app.command()
+def recover(
+    model_dir: str = typer.Argument(..., help="a pocketlm output directory (from `pocketlm compress`)"),
+    out_dir: Path = typer.Option(..., "--out", help="output directory (written atomically)"),
+    memory: Optional[str] = typer.Option(None, help="memory budget, e.g. 2GiB: plan micro-batch and recomputation"),
+    tokens: int = typer.Option(200_000, help="training tokens (calibration text only)"),
+    mode: str = typer.Option("full", help="unquantized linears: full (masked) or lora (masked before merging)"),
+    optimizer: str = typer.Option("adamw", help="adamw or adashift"),
+    lr: Optional[float] = typer.Option(None, help="peak learning rate (default 2e-4 full, 1e-3 lora)"),
+    seq_len: int = typer.Option(512, help="tokens per training window"),
+    teacher: Optional[str] = typer.Option(None, help="the uncompressed model (default: the one it was made from)"),
+    eval_windows: int = typer.Option(4, help="WikiText-2 windows to measure the result against the teacher (0: skip)"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+):
+    """Heal a compressed model by distillation from the uncompressed one, keeping its structure
+    (pruned weights, removed layers, merged heads, quantization codes); resumable: an
+    interrupted run continues from OUT.recover-state.pt when run again."""
+    from .recipe import _one_line
+    from .recover.stage import Recover
+    from .recovery import recover as run
+
+    check_output(out_dir, overwrite, "dir", inputs=_local_inputs(model_dir, teacher))
+    _check("tokens", tokens, 1)
+    _check("seq-len", seq_len, 8)
+    _check("eval-windows", eval_windows, 0)
+    from pydantic import ValidationError
+
+    try:
+        stage = Recover(tokens=tokens, memory=memory, mode=mode, optimizer=optimizer, lr=lr, seq_len=seq_len,
+                        state_file=str(out_dir) + ".recover-state.pt")
+    except ValidationError as e:
+        raise PocketError(f"recover: {_one_line(e, Recover)}") from None
+    t0 = time.perf_counter()
+    res = run(model_dir, stage, teacher=teacher, eval_windows=eval_windows)
+    path = res.save(out_dir, overwrite=overwrite)
+    man = json.loads((path / "pocketlm.json").read_text())
+    _summary(model_dir, res.recipe.name, man, time.perf_counter() - t0, path, "recover")
 
 
 @app.command()

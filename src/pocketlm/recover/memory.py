@@ -33,3 +33,15 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def return_freed_memory() -> bool:
+    """Make glibc give large freed blocks (256 KiB and up) back to the kernel at once, instead of
+    keeping them in its heap, so that resident memory follows the tensors alive (what a memory
+    plan counts); training's large activations are then mapped and unmapped per use."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import PocketError
+from . import memory
 
 STATES = ("none", "mlp", "attention", "blocks", "layer")  # what a layer recomputes
 MiB = 2**20
@@ -51,6 +52,7 @@ class Profile:
     seq_len: int
     hidden: int
     vocab: int
+    scale: float = 1.0  # real resident bytes per hooked byte (see _calibrate)
 
 
 def _storage_key(t: torch.Tensor):
@@ -114,7 +116,28 @@ def profile(model: nn.Module, seq_len: int, compute_dtype: torch.dtype | None = 
         for hk in hooks:
             hk.remove()
     cfg = model.config
-    return Profile(result, seq_len, cfg.hidden_size, cfg.vocab_size)
+    prof = Profile(result, seq_len, cfg.hidden_size, cfg.vocab_size)
+    _calibrate(prof, decoder, compute_dtype, min(seq_len, 128))
+    return prof
+
+
+def _calibrate(prof: Profile, decoder: nn.Module, compute_dtype, length: int) -> None:
+    """Scale the hooked byte counts to what a real forward keeps resident (autograd keeps a few
+    tensors the hooks do not see; the allocator rounds): one forward of ``length`` tokens whose
+    graph is kept, its resident growth against the count, the ratio bounded to [1, 2]."""
+    counted = sum(lp.kept("none") for lp in prof.layers) * length / prof.seq_len
+    ids = torch.randint(0, prof.vocab, (1, length))
+    before = memory.rss()
+    with torch.enable_grad(), (torch.autocast("cpu", dtype=compute_dtype) if compute_dtype else _Null()):
+        h = decoder(input_ids=ids, use_cache=False).last_hidden_state
+    grown = memory.rss() - before
+    del h
+    if not before or counted <= 0:
+        return
+    ratio = min(2.0, max(1.0, grown / counted))
+    for lp in prof.layers:
+        lp.saved = {k: int(v * ratio) for k, v in lp.saved.items()}
+    prof.scale = ratio
 
 
 class _Null:
@@ -135,6 +158,7 @@ class Plan:
     recompute_seconds: float = 0.0  # per micro-batch
     max_batch_without_recompute: int = 0
     max_batch_with_recompute: int = 0
+    profile_scale: float = 1.0
 
     @property
     def peak(self) -> int:
@@ -146,7 +170,8 @@ class Plan:
                 "optimizer_state_dtype": self.state_dtype, "predicted_peak_bytes": self.peak,
                 "parts_bytes": dict(self.parts), "recompute_seconds_per_micro_batch": round(self.recompute_seconds, 3),
                 "max_micro_batch_without_recompute": self.max_batch_without_recompute,
-                "max_micro_batch_with_recompute": self.max_batch_with_recompute}
+                "max_micro_batch_with_recompute": self.max_batch_with_recompute,
+                "profile_scale": round(self.profile_scale, 3)}
 
     def lines(self) -> list[str]:
         s = self.summary()
@@ -210,6 +235,7 @@ def make_plan(prof: Profile, budget: int, resident: int, n_trainable: int, batch
         plan = Plan(micro, prof.seq_len, states, dt, {**static, **activation_parts(prof, states, micro, loss_chunk)})
         plan.recompute_seconds = micro * sum(lp.cost(s) for lp, s in zip(prof.layers, states))
         plan.max_batch_with_recompute = micro
+        plan.profile_scale = prof.scale
         plan.max_batch_without_recompute = max((m for m, s in fits.items() if all(x == "none" for x in s)), default=0)
         return plan
     raise PocketError(f"no plan fits {budget / MiB:.0f} MiB: the smallest needs about {best_small / MiB:.0f} MiB "

@@ -89,6 +89,7 @@ class Recover(Stage):
         n_train = tr.count()
         undo, plan = [], None
         if self.memory is not None:
+            memory.return_freed_memory()
             prof = planner.profile(model, self.seq_len, compute)
             sd = "float32" if self.optimizer == "adamw" else self.state_dtype
             plan = planner.make_plan(prof, parse_memory(self.memory), memory.rss(), n_train, self.windows_per_step,

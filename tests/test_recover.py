@@ -1,0 +1,132 @@
+"""Recovery keeps the compressed structure exactly and lowers the loss toward the teacher."""
+import copy
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny, make_tiny_tokenizer
+from pocketlm.context import CalibrationConfig, GGMLRecord
+from pocketlm.errors import PocketError
+from pocketlm.pipeline import compress
+from pocketlm.recover import distill
+from pocketlm.recover.trainable import attach
+from pocketlm.models import layer_linears
+
+TEXT = "the quick brown fox jumps over the lazy dog; a model of words, " * 300
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("rec") / "text.txt"
+    p.write_text(TEXT)
+    return str(p)
+
+
+def run(stages, text, layers=3, **rec):
+    tok = make_tiny_tokenizer()
+    model = make_tiny(layers=layers, vocab=len(tok))
+    teacher = copy.deepcopy(model)
+    recover = {"method": "recover", "tokens": 2048, "seq_len": 64, "windows_per_step": 4, "lr": 3e-3, **rec}
+    res = compress(model, {"stages": [*stages, recover]}, tokenizer=tok,
+                   calibration=CalibrationConfig(windows=4, seq_len=64, text=text))
+    return res, teacher, tok
+
+
+def kl_to(teacher, model, ids):
+    with torch.no_grad():
+        lt = teacher(ids).logits.log_softmax(-1)
+        ls = model(ids).logits.log_softmax(-1)
+    return float((lt.exp() * (lt - ls)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_pruned_weights_stay_exactly_zero_and_n_m_holds(text, mode):
+    res, teacher, tok = run([{"method": "magnitude", "pattern": "2:4"}], text, mode=mode)
+    moved = 0
+    for name, keep in res.context.masks.items():
+        w = res.model.get_submodule(name).weight
+        assert bool((w[~keep] == 0).all()), name
+        assert int(keep.reshape(keep.shape[0], -1, 4).sum(-1).max()) == 2
+        moved += int((w[keep] != teacher.get_submodule(name).weight[keep]).sum())
+    assert moved > 0  # the kept weights did train
+    s = res.stages[-1]
+    assert s["loss_last"] < s["loss_first"]
+
+
+def test_recovery_lowers_kl_to_the_teacher_on_held_out_text(text):
+    tok = make_tiny_tokenizer()
+    ids = tok("a lazy model jumps over the quick words of the brown dog " * 6, return_tensors="pt").input_ids[:, :64]
+    res0, teacher, _ = run([{"method": "remove-layers", "layers": [1]}], text, layers=4, tokens=64)
+    res1, _, _ = run([{"method": "remove-layers", "layers": [1]}], text, layers=4, tokens=8192)
+    assert res1.model.config.num_hidden_layers == 3
+    assert kl_to(teacher, res1.model, ids) < 0.7 * kl_to(teacher, res0.model, ids)
+
+
+def test_a_quantized_linear_keeps_its_codes_and_moves_its_scales(text):
+    res, teacher, _ = run([{"method": "rtn", "bits": 4, "group_size": 32, "targets": ["*.mlp.*"]}], text)
+    before = compress(copy.deepcopy(teacher), {"stages": [{"method": "rtn", "bits": 4, "group_size": 32,
+                                                           "targets": ["*.mlp.*"]}]})
+    assert res.context.quant
+    for name, rec in res.context.quant.items():
+        w = res.model.get_submodule(name).weight
+        qw = rec.to_quantized(w)
+        assert torch.equal(qw.dequantize(), w)  # on its grid: the scales it records, integer codes
+        old = before.context.quant[name]
+        assert torch.equal(qw.codes, old.to_quantized(before.model.get_submodule(name).weight).codes)
+        assert not torch.equal(rec.scales, old.scales)
+        assert rec.scales.dtype == old.scales.dtype and torch.equal(rec.scales, rec.scales.half().float())
+
+
+@pytest.mark.parametrize("fmt", ["gguf-q4_0", "gguf-q4_1"])
+def test_a_ggml_linear_is_repacked_to_the_bytes_it_now_holds(text, fmt):
+    res, _, _ = run([{"method": "rtn", "format": fmt}], text)
+    recs = [r for r in res.context.quant.values() if isinstance(r, GGMLRecord)]
+    assert recs
+    changed = 0
+    for name, rec in res.context.quant.items():
+        w = res.model.get_submodule(name).weight
+        assert torch.equal(rec.weight.dequantize(), w)  # the bytes the GGUF export writes
+        changed += 1
+    assert changed
+
+
+def test_removed_layers_and_merged_heads_stay(text):
+    res, _, _ = run([{"method": "kv-heads", "kv_heads": 1}, {"method": "remove-layers", "layers": [0]}], text)
+    assert res.model.config.num_hidden_layers == 2
+    assert res.model.config.num_key_value_heads == 1
+    assert res.model.model.layers[0].self_attn.k_proj.weight.shape[0] == 16
+
+
+def test_without_a_teacher_it_says_how_to_get_one():
+    from pocketlm.context import Context
+    from pocketlm.recover.stage import Recover
+
+    with pytest.raises(PocketError, match="teacher"):
+        Recover().run(Context(make_tiny(layers=1)))
+
+
+def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path):
+    tok = make_tiny_tokenizer()
+    ids = tok(TEXT, return_tensors="pt").input_ids[0]
+    windows = ids[: 12 * 32].view(12, 32)
+
+    def train(state=None, stop=None, seed_model=None):
+        student = make_tiny(layers=2, vocab=len(tok), seed=1)
+        teacher = make_tiny(layers=2, vocab=len(tok), seed=2)
+        tr = attach(student, layer_linears(student), {}, {}, "full")
+        cfg = distill.TrainConfig(steps=6, windows_per_step=2, micro_batch=1, lr=1e-3, grid_lr=1e-3,
+                                  optimizer="adashift", adashift_n=2, checkpoint_every=2, state_file=state,
+                                  stop_after=stop)
+        log = distill.train(student, teacher, windows, [{"params": tr.parameters()}], cfg)
+        return student, log
+
+    whole, log_whole = train()
+    state = tmp_path / "state.pt"
+    _, log_cut = train(state, stop=3)  # killed after step 3: the last checkpoint is step 2
+    assert state.is_file() and len(log_cut.loss) == 3
+    resumed, log_res = train(state)
+    assert log_res.resumed_from == 2
+    assert log_res.loss == log_whole.loss
+    for (n, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+    assert not state.exists()  # a finished run leaves no state behind
