@@ -3,6 +3,9 @@ toward the float one on the Python-docs calibration text only, then scored on Wi
 
     .venv/bin/python bench/bench_recover.py [--tokens 300000] [--windows 16] [--only a,b]
 
+``sweep-OPT-LR``: ShortGPT-25% healed with 40,960 tokens by AdamW and by AdaShift at the same
+learning rates (the loss curves: ``table.py recover --curves``).
+
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
 (3-bit, tuned on its own grid: scales only, codes fixed), ``kv1-aligned`` (3 KV heads merged into
@@ -35,7 +38,10 @@ COMPRESS = {
     "kv1-aligned": [{"method": "kv-heads", "kv_heads": 1, "merge": "aligned"}],
 }
 MEMORY = ["memory-2GiB-planned", "memory-2GiB-unplanned"]
-CONFIGS = [*COMPRESS, *MEMORY]
+SWEEP_LR = ("3e-4", "1e-3", "3e-3")
+SWEEP = [f"sweep-{opt}-{lr}" for opt in ("adamw", "adashift") for lr in SWEEP_LR]
+SWEEP_TOKENS = 40_960
+CONFIGS = [*COMPRESS, *MEMORY, *SWEEP]
 
 
 def structure(model, ctx) -> dict:
@@ -90,20 +96,24 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
     model, tok, _ = models.load("smollm2-135m")
     if name in MEMORY:
         return memory_run(name, model, tok)
+    if name in SWEEP:  # ShortGPT-25%, healed with each optimizer at each learning rate
+        _, optimizer, lr = name.split("-", 2)
+        tokens, lr = SWEEP_TOKENS, float(lr)
     folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
     cache = ReferenceCache.build(model, eval_windows(tok, "wikitext2", 2048, windows),
                                  folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32")
     recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {})}
-    stages = [*COMPRESS[name], recover]
+    stages = [*COMPRESS["shortgpt-25" if name in SWEEP else name], recover]
     calib = CalibrationConfig(windows=16, seq_len=2048)
     last = len(stages) - 2
 
     def before(part):
-        if len(part.stages) == last + 1:
+        if len(part.stages) == last + 1 and name not in SWEEP:
             measure(name, part.model, tok, part, cache, windows)
     res = pocketlm.compress(model, {"name": f"{name}+recover", "stages": stages}, tokenizer=tok, calibration=calib,
                             after_stage=before)
-    measure(f"{name}+recover", res.model, tok, res, cache, windows)
+    measure(name if name in SWEEP else f"{name}+recover", res.model, tok, res, cache, windows,
+            {"optimizer": optimizer, "lr": lr or res.recipe.stages[-1].lr})
 
 
 def memory_run(name: str, model, tok) -> None:
