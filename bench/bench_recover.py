@@ -92,6 +92,7 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
     from pocketlm.context import CalibrationConfig
     from pocketlm.data import eval_windows
     from pocketlm.measure import ReferenceCache
+    from pocketlm.recover.stage import DEFAULT_LR
 
     model, tok, _ = models.load("smollm2-135m")
     if name in MEMORY:
@@ -113,7 +114,7 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
     res = pocketlm.compress(model, {"name": f"{name}+recover", "stages": stages}, tokenizer=tok, calibration=calib,
                             after_stage=before)
     measure(name if name in SWEEP else f"{name}+recover", res.model, tok, res, cache, windows,
-            {"optimizer": optimizer, "lr": lr or res.recipe.stages[-1].lr})
+            {"optimizer": optimizer, "lr": lr or DEFAULT_LR[res.recipe.stages[-1].mode]})
 
 
 def memory_run(name: str, model, tok) -> None:
@@ -126,7 +127,7 @@ def memory_run(name: str, model, tok) -> None:
     if not planned:  # same micro-batch, no recomputation
         planner.apply = lambda model, states: []
     rec = {"method": "recover", "tokens": 4 * 8 * 1024, "seq_len": 1024, "windows_per_step": 8, "mode": "lora",
-           "memory": "2GiB"}
+           "memory": "2GiB", "teacher_dtype": "bfloat16"}
     reset_peak_rss()
     res = pocketlm.compress(model, {"name": name, "stages": [{"method": "magnitude", "pattern": "2:4"}, rec]},
                             tokenizer=tok)

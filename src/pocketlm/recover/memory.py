@@ -45,3 +45,14 @@ def return_freed_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 256 * 1024))  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         return False
+
+
+def trim() -> None:
+    """Hand the heap's free pages back to the kernel (glibc malloc_trim), e.g. after a model
+    was cast to a smaller dtype, so that the plan starts from what is really in use."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

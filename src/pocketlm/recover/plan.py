@@ -159,6 +159,7 @@ class Plan:
     max_batch_without_recompute: int = 0
     max_batch_with_recompute: int = 0
     profile_scale: float = 1.0
+    loss_chunk: int = 256
 
     @property
     def peak(self) -> int:
@@ -171,13 +172,13 @@ class Plan:
                 "parts_bytes": dict(self.parts), "recompute_seconds_per_micro_batch": round(self.recompute_seconds, 3),
                 "max_micro_batch_without_recompute": self.max_batch_without_recompute,
                 "max_micro_batch_with_recompute": self.max_batch_with_recompute,
-                "profile_scale": round(self.profile_scale, 3)}
+                "profile_scale": round(self.profile_scale, 3), "loss_chunk": self.loss_chunk}
 
     def lines(self) -> list[str]:
         s = self.summary()
         parts = ", ".join(f"{k} {v / MiB:.0f}" for k, v in self.parts.items())
         return [f"plan: micro-batch {self.micro_batch} x {self.seq_len} tokens, recompute {s['recompute']}, "
-                f"optimizer state {self.state_dtype}",
+                f"optimizer state {self.state_dtype}, logits of {self.loss_chunk} tokens at once",
                 f"predicted peak {self.peak / MiB:.0f} MiB ({parts} MiB)",
                 f"largest micro-batch: {self.max_batch_without_recompute} without recompute, "
                 f"{self.max_batch_with_recompute} with it"]
@@ -210,7 +211,7 @@ def activation_parts(prof: Profile, states: list[str], micro: int, loss_chunk: i
 
 
 def make_plan(prof: Profile, budget: int, resident: int, n_trainable: int, batch: int, optimizer: str = "adamw",
-              state_dtype: str = "auto", adashift_n: int = 10, loss_chunk: int = 256) -> Plan:
+              state_dtype: str = "auto", adashift_n: int = 10, loss_chunk: int = 256, hint: str = "shorten seq_len") -> Plan:
     """The largest micro-batch (a divisor of ``batch``) that fits ``budget``, recomputing as
     little as possible: layers move to recompute states in the order of most bytes freed per
     second of recomputation. Raises with the smallest budget that would fit when none does."""
@@ -220,26 +221,31 @@ def make_plan(prof: Profile, budget: int, resident: int, n_trainable: int, batch
     for dt in dtypes:
         static = static_parts(resident, n_trainable, optimizer, dt, adashift_n)
         base = sum(static.values())
+        chunks = [c for c in (loss_chunk, loss_chunk // 2, loss_chunk // 4, loss_chunk // 8) if c >= 32] or [loss_chunk]
         fits = {}
         for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
-            states = _fit_states(prof, budget - base, micro, loss_chunk)
-            if states is not None:
-                fits[micro] = states
+            for chunk in chunks:  # fewer logits at once first: it costs no recomputation
+                states = _fit_states(prof, budget - base, micro, chunk)
+                if states is not None:
+                    fits[micro] = (states, chunk)
+                    break
         if not fits:
-            parts = {**static, **activation_parts(prof, ["layer"] * n, 1, loss_chunk)}
+            parts = {**static, **activation_parts(prof, ["layer"] * n, 1, chunks[-1])}
             need = sum(parts.values())
             best_small = need if best_small is None else min(best_small, need)
             continue
         micro = max(fits)
-        states = fits[micro]
-        plan = Plan(micro, prof.seq_len, states, dt, {**static, **activation_parts(prof, states, micro, loss_chunk)})
+        states, chunk = fits[micro]
+        plan = Plan(micro, prof.seq_len, states, dt, {**static, **activation_parts(prof, states, micro, chunk)})
+        plan.loss_chunk = chunk
         plan.recompute_seconds = micro * sum(lp.cost(s) for lp, s in zip(prof.layers, states))
         plan.max_batch_with_recompute = micro
         plan.profile_scale = prof.scale
-        plan.max_batch_without_recompute = max((m for m, s in fits.items() if all(x == "none" for x in s)), default=0)
+        plan.max_batch_without_recompute = max((m for m, (s, _) in fits.items() if all(x == "none" for x in s)),
+                                               default=0)
         return plan
     raise PocketError(f"no plan fits {budget / MiB:.0f} MiB: the smallest needs about {best_small / MiB:.0f} MiB "
-                      f"(micro-batch 1, every layer recomputed); raise --memory, shorten seq_len or use mode: lora")
+                      f"(micro-batch 1, every layer recomputed); raise --memory or {hint}")
 
 
 def _fit_states(prof: Profile, room: int, micro: int, loss_chunk: int) -> list[str] | None:

@@ -76,6 +76,7 @@ class Recover(Stage):
         if teacher is None:
             raise PocketError("recover needs the uncompressed model as teacher: run it in a recipe after the "
                               "compression stages, or use `pocketlm recover DIR`")
+        memory.return_freed_memory()
         if self.teacher_dtype == "bfloat16":
             teacher.to(torch.bfloat16)
         if ctx.tokenizer is None:
@@ -89,11 +90,13 @@ class Recover(Stage):
         n_train = tr.count()
         undo, plan = [], None
         if self.memory is not None:
-            memory.return_freed_memory()
+            memory.trim()
             prof = planner.profile(model, self.seq_len, compute)
             sd = "float32" if self.optimizer == "adamw" else self.state_dtype
             plan = planner.make_plan(prof, parse_memory(self.memory), memory.rss(), n_train, self.windows_per_step,
-                                     self.optimizer, sd, loss_chunk=self.loss_chunk)
+                                     self.optimizer, sd, loss_chunk=self.loss_chunk,
+                                     hint="shorten seq_len" + (", use mode: lora" if self.mode == "full" else "")
+                                     + (", teacher_dtype: bfloat16" if self.teacher_dtype == "float32" else ""))
             for line in plan.lines():
                 progress.console.print(line)
             undo = planner.apply(model, plan.states)
@@ -110,7 +113,7 @@ class Recover(Stage):
         cfg = distill.TrainConfig(
             steps=self.steps, windows_per_step=self.windows_per_step, micro_batch=micro, lr=lr,
             grid_lr=self.grid_lr, optimizer=self.optimizer, weight_decay=self.weight_decay,
-            ce_weight=self.ce_weight, loss_chunk=self.loss_chunk, compute_dtype=compute,
+            ce_weight=self.ce_weight, loss_chunk=plan.loss_chunk if plan else self.loss_chunk, compute_dtype=compute,
             state_dtype=torch.bfloat16 if sdt == "bfloat16" else None, checkpoint_every=self.checkpoint_every,
             state_file=self.state_file)
         try:
