@@ -22,6 +22,7 @@ from ..errors import PocketError
 from . import memory
 
 STATES = ("none", "mlp", "attention", "blocks", "layer")  # what a layer recomputes
+HEADROOM = 0.03  # of the budget, left free for what the count cannot see (allocator rounding, small tensors)
 MiB = 2**20
 
 
@@ -225,7 +226,7 @@ def make_plan(prof: Profile, budget: int, resident: int, n_trainable: int, batch
         fits = {}
         for micro in sorted((d for d in range(1, batch + 1) if batch % d == 0), reverse=True):
             for chunk in chunks:  # fewer logits at once first: it costs no recomputation
-                states = _fit_states(prof, budget - base, micro, chunk)
+                states = _fit_states(prof, int(budget * (1 - HEADROOM)) - base, micro, chunk)
                 if states is not None:
                     fits[micro] = (states, chunk)
                     break
