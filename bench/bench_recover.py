@@ -3,8 +3,8 @@ toward the float one on the Python-docs calibration text only, then scored on Wi
 
     .venv/bin/python bench/bench_recover.py [--tokens 300000] [--windows 16] [--only a,b]
 
-``sweep-OPT-LR``: ShortGPT-25% healed with 40,960 tokens by AdamW and by AdaShift at the same
-learning rates (the loss curves: ``table.py recover --curves``).
+``sweep-OPT-LR``: ShortGPT-25% healed with 40,960 tokens (40 steps of 2 windows of 512) by AdamW
+and by AdaShift (n = 10: its first step after 11 gradients) at the same learning rates (the loss curves: ``table.py recover --curves``).
 
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
@@ -103,7 +103,8 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
     folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
     cache = ReferenceCache.build(model, eval_windows(tok, "wikitext2", 2048, windows),
                                  folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32")
-    recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {})}
+    recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {}),
+               **({"windows_per_step": 2} if name in SWEEP else {})}
     stages = [*COMPRESS["shortgpt-25" if name in SWEEP else name], recover]
     calib = CalibrationConfig(windows=16, seq_len=2048)
     last = len(stages) - 2
