@@ -8,7 +8,8 @@ and by AdaShift (n = 10: its first step after 11 gradients) at the same learning
 
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
-(3-bit, tuned on its own grid: scales only, codes fixed), ``kv1-aligned`` (3 KV heads merged into
+(3-bit, tuned on its own grid: scales only, codes fixed), ``imatrix-iq4_nl`` (IQ4_NL, tuned
+on its block scales, exported and scored in llama.cpp too), ``kv1-aligned`` (3 KV heads merged into
 1 after alignment); each reports the compressed model (``NAME``, measured before recovery, in
 the same run) and the recovered one (``NAME+recover``), and checks that the structure survived
 training and a save and reload (pruned weights zero, N:M groups, layer and head counts, codes on
@@ -34,7 +35,9 @@ from common import emit, eval_fields, hwm_mib, reset_peak_rss, run_configs  # no
 COMPRESS = {
     "shortgpt-25": [{"method": "remove-layers", "fraction": 0.25}],
     "wanda-2of4+barber": [{"method": "wanda", "pattern": "2:4"}, {"method": "barber"}],
-    "gptq-w3-g128": [{"method": "gptq", "bits": 3, "group_size": 128}],
+    "gptq-w3-g128": [{"method": "gptq", "bits": 3, "group_size": 128, "act_order": True, "damp": 0.1, "clip": True}],
+    "imatrix-iq4_nl": [{"method": "imatrix", "format": "gguf-iq4_nl", "embed": "q8_0", "sequential": False,
+                        "calib_dtype": "bfloat16"}],
     "kv1-aligned": [{"method": "kv-heads", "kv_heads": 1, "merge": "aligned"}],
 }
 MEMORY = ["memory-2GiB-planned", "memory-2GiB-unplanned"]
@@ -80,6 +83,17 @@ def measure(name: str, model, tok, res, cache, windows: int, extra: dict | None 
             rep["reloaded_layers"] = back.config.num_hidden_layers
             del back
     r = pocketlm.perplexity(model, tok, "wikitext2", 2048, windows, reference=cache)
+    if name.startswith("imatrix"):  # the deployed file: exported, scored by llama.cpp
+        from pocketlm.export import export_model
+        from pocketlm.runtime.llamacpp import LlamaCppScorer
+
+        src = models.resolve("smollm2-135m").describe()
+        with tempfile.TemporaryDirectory() as d:
+            path = Path(d) / "m.gguf"
+            export_model(model, tok, res.context.quant, "gguf", path, "F16", "Q8_0", source_gguf=src)
+            g = pocketlm.perplexity(LlamaCppScorer(path, n_ctx=2048), tok, "wikitext2", 2048, windows, reference=cache)
+            rep.update({"file_bytes": path.stat().st_size, "gguf_ppl": round(g.ppl, 4), "gguf_kl": round(g.kl, 5),
+                        "gguf_top1": round(g.top1, 4), "gguf_window_kl": [round(x, 5) for x in g.window_kl]})
     stages = [{k: v for k, v in s.items() if k not in ("curve", "block_influence")} for s in res.stages]
     curve = next((s["curve"] for s in res.stages if "curve" in s), None)
     emit({"bench": "recover", "config": name, "model": "smollm2-135m", "stages": stages, **rep, **eval_fields(r),

@@ -9,6 +9,8 @@ or compare two of its configurations window by window.
     python bench/table.py gguf --timing        # llama.cpp's imatrix path and pocketlm's, wall-clock
     python bench/table.py gguf-gemma3-270m --versus   # the same on another model's results
     python bench/table.py kv [--swa]           # fewer KV heads; --swa: sliding-window layers
+    python bench/table.py recover [--memory|--sweep|--curves]   # recovery: healed models; planned
+                                               # memory; AdamW vs AdaShift; loss curves (PNG)
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
 """
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main(name: str) -> None:
         return speed(rows)
     if name == "kv":
         return kv_tables(rows)
+    if name == "recover":
+        return recover_table(rows)
     cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
@@ -77,6 +81,85 @@ def kv_tables(rows: list[dict]) -> None:
               f"{r['kv_bytes_per_token_f16'][1]:,} | {r['key_error'][m]:.3f} (mean {r['key_error']['mean']:.3f}) | "
               f"{r['value_error'][m]:.3f} (mean {r['value_error']['mean']:.3f}) | {r['ppl']:.3f} | {r['kl']:.4f} | "
               f"{r['top1']:.4f} | {d} |")
+
+
+def _recover_stage(r: dict) -> dict:
+    return next((s for s in r.get("stages", []) if s.get("method") == "recover"), {})
+
+
+def recover_table(rows: list[dict]) -> None:
+    """Each compressed model before and after recovery, with its structure checks."""
+    rows = [r for r in rows if not r["config"].startswith(("memory-", "sweep-"))]
+    if not rows:
+        raise SystemExit("no recovery results yet: run bench/bench_recover.py")
+    print("| config | layers | sparsity | trained tokens | train s | perplexity | KL | top-1 | structure after save |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        st = _recover_stage(r)
+        ok = "–"
+        if st:
+            ok = "intact" if (r["pruned_weights_zero"] and r["codes_on_grid"] and r.get("reloaded_equal")
+                              and r.get("reloaded_layers") == r["layers"]) else "CHANGED"
+            if r.get("max_kept_per_4") is not None:
+                ok += f", max {r['max_kept_per_4']} of 4 kept"
+        sp = "–" if r.get("sparsity") is None else f"{r['sparsity']:.3f}"
+        print(f"| {r['config']} | {r['layers']} | {sp} | {st.get('tokens', 0):,} | "
+              f"{st.get('seconds_training', '–')} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {ok} |")
+    print(f"\nFloat model: perplexity {rows[0]['base_ppl']:.3f} on the same {rows[0]['windows']} windows.")
+
+
+def recover_memory(rows: list[dict]) -> None:
+    rows = [r for r in rows if r["config"].startswith("memory-")]
+    if not rows:
+        raise SystemExit("no memory results yet: run bench/bench_recover.py --only memory-2GiB-planned,...")
+    print("| run | budget MiB | micro-batch x tokens | recomputed | predicted peak MiB | measured peak MiB | "
+          "measured / predicted | largest micro-batch without / with recomputation |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        p = r["plan"]
+        rec = ", ".join(f"{v} {k}" for k, v in p["recompute"].items()) if r["recompute_applied"] else "nothing"
+        pred = r["predicted_peak_mib"] if r["recompute_applied"] else "–"
+        ratio = f"{r['measured_peak_mib'] / r['predicted_peak_mib']:.3f}" if r["recompute_applied"] else "–"
+        print(f"| {r['config']} | {r['budget_mib']} | {p['micro_batch']} x {p['seq_len']} | {rec} | {pred} | "
+              f"{r['measured_peak_mib']:.0f} | {ratio} | {p['max_micro_batch_without_recompute']} / "
+              f"{p['max_micro_batch_with_recompute']} |")
+
+
+def recover_sweep(rows: list[dict]) -> None:
+    rows = sorted((r for r in rows if r["config"].startswith("sweep-")), key=lambda r: (r["optimizer"], r["lr"]))
+    if not rows:
+        raise SystemExit("no sweep results yet: run bench/bench_recover.py --only sweep-adamw-3e-4,...")
+    print("| optimizer | learning rate | trained tokens | final loss (mean of last 5 steps) | perplexity | KL | top-1 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        loss = r["curve"]["loss"][-5:]
+        print(f"| {r['optimizer']} | {r['lr']:g} | {r['curve']['tokens'][-1]:,} | {sum(loss) / len(loss):.4f} | "
+              f"{r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} |")
+
+
+def recover_curves(name: str = "recover") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in _rows(name) if r["config"].startswith("sweep-")]
+    if not rows:
+        raise SystemExit("no sweep results yet")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {}
+    for r in sorted(rows, key=lambda r: (r["optimizer"], r["lr"])):
+        c = colors.setdefault(r["lr"], f"C{len(colors)}")
+        ax.plot(r["curve"]["tokens"], r["curve"]["loss"], color=c, ls="-" if r["optimizer"] == "adamw" else "--",
+                label=f"{r['optimizer']} lr {r['lr']:g}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("distillation loss (KL to the float model, nats/token)")
+    ax.set_title("SmolLM2-135M, 25% of layers removed: AdamW (solid) vs AdaShift (dashed)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "recover_curves.png", dpi=120)
+    print(f"wrote {RESULTS / 'recover_curves.png'}")
 
 
 def swa_table(name: str = "kv") -> None:
@@ -237,6 +320,12 @@ def run(args: list[str]) -> None:
         plot(args[0])
     elif args == ["kv", "--swa"]:
         swa_table()
+    elif args == ["recover", "--memory"]:
+        recover_memory(_rows("recover"))
+    elif args == ["recover", "--sweep"]:
+        recover_sweep(_rows("recover"))
+    elif args == ["recover", "--curves"]:
+        recover_curves()
     elif len(args) == 1:
         main(args[0])
     else:
