@@ -77,17 +77,17 @@ def test_a_quantized_linear_keeps_its_codes_and_moves_its_scales(text):
         assert rec.scales.dtype == old.scales.dtype and torch.equal(rec.scales, rec.scales.half().float())
 
 
-@pytest.mark.parametrize("fmt", ["gguf-q4_0", "gguf-q4_1"])
+@pytest.mark.parametrize("fmt", ["gguf-q4_0", "gguf-q4_1", "gguf-iq4_nl", "gguf-q8_0"])
 def test_a_ggml_linear_is_repacked_to_the_bytes_it_now_holds(text, fmt):
-    res, _, _ = run([{"method": "rtn", "format": fmt}], text)
-    recs = [r for r in res.context.quant.values() if isinstance(r, GGMLRecord)]
-    assert recs
+    res, teacher, _ = run([{"method": "rtn", "format": fmt}], text)
+    before = compress(teacher, {"stages": [{"method": "rtn", "format": fmt}]}).context.quant
+    assert all(isinstance(r, GGMLRecord) for r in res.context.quant.values())
     changed = 0
     for name, rec in res.context.quant.items():
         w = res.model.get_submodule(name).weight
         assert torch.equal(rec.weight.dequantize(), w)  # the bytes the GGUF export writes
-        changed += 1
-    assert changed
+        changed += int(not (rec.weight.data == before[name].weight.data).all())
+    assert changed > 0
 
 
 def test_removed_layers_and_merged_heads_stay(text):
