@@ -72,7 +72,12 @@ def eval_fields(r) -> dict:
 
 
 def provenance() -> dict:
-    """The commit (``-dirty`` with uncommitted changes) and the versions a result came from."""
+    """The commit (``-dirty`` with uncommitted changes) and the versions a result came from, as
+    they were when this process started (a long run's code is what it imported then)."""
+    return _PROVENANCE
+
+
+def _provenance() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     here = Path(__file__).resolve().parent
@@ -87,6 +92,9 @@ def provenance() -> dict:
         except PackageNotFoundError:
             pass
     return {"commit": commit, "versions": versions}
+
+
+_PROVENANCE = _provenance()
 
 
 def emit(record: dict) -> str:
