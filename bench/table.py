@@ -103,7 +103,8 @@ def recover_table(rows: list[dict]) -> None:
             if r.get("max_kept_per_4") is not None:
                 ok += f", max {r['max_kept_per_4']} of 4 kept"
         sp = "–" if r.get("sparsity") is None else f"{r['sparsity']:.3f}"
-        print(f"| {r['config']} | {r['layers']} | {sp} | {st.get('tokens', 0):,} | "
+        tokens = f"{st['tokens']:,}" if st else "–"
+        print(f"| {r['config']} | {r['layers']} | {sp} | {tokens} | "
               f"{st.get('seconds_training', '–')} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {ok} |")
     print(f"\nFloat model: perplexity {rows[0]['base_ppl']:.3f} on the same {rows[0]['windows']} windows.")
 
