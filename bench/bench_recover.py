@@ -134,15 +134,12 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
 
 def memory_run(name: str, model, tok) -> None:
     """LoRA recovery of a 2:4 (magnitude) model: planned to 2 GiB, or the plan's micro-batch
-    with nothing recomputed (the plan is made with room to spare, then its states ignored)."""
+    with nothing recomputed (the stage's recompute: false)."""
     import pocketlm
-    from pocketlm.recover import plan as planner
 
     planned = name.endswith("-planned")
-    if not planned:  # same micro-batch, no recomputation
-        planner.apply = lambda model, states: []
     rec = {"method": "recover", "tokens": 4 * 8 * 1024, "seq_len": 1024, "windows_per_step": 8, "mode": "lora",
-           "memory": "2GiB", "teacher_dtype": "bfloat16"}
+           "memory": "2GiB", "teacher_dtype": "bfloat16", "recompute": planned}
     reset_peak_rss()
     res = pocketlm.compress(model, {"name": name, "stages": [{"method": "magnitude", "pattern": "2:4"}, rec]},
                             tokenizer=tok)

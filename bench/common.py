@@ -19,17 +19,16 @@ def peak_rss_mib() -> float:
 
 def reset_peak_rss() -> None:
     """Reset the kernel's high-water mark (VmHWM) so a phase's own peak can be read."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    from pocketlm.recover import memory
+
+    memory.reset_peak()
 
 
 def hwm_mib() -> float:
     """Peak RSS since the last reset_peak_rss (or since the start)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return peak_rss_mib()
+    from pocketlm.recover import memory
+
+    return memory.peak() / 2**20 or peak_rss_mib()
 
 
 def rss_mib() -> float:

@@ -47,15 +47,12 @@ sys.path.insert(0, ".")
 from tests.conftest import make_tiny, make_tiny_tokenizer
 from pocketlm.context import CalibrationConfig
 from pocketlm.pipeline import compress
-from pocketlm.recover import plan as planner
 torch.manual_seed(0)
-if sys.argv[2] == "unplanned":
-    planner.apply = lambda model, states: []
 tok = make_tiny_tokenizer()
 m = make_tiny(layers=6, vocab=len(tok), hidden=128, inter=512, heads=4, kv_heads=2, head_dim=32)
 open(sys.argv[3], "w").write("the quick brown fox jumps over the lazy dog; a model of words, " * 2000)
 rec = {"method": "recover", "tokens": 2 * 8 * 512, "seq_len": 512, "windows_per_step": 8, "memory": sys.argv[1],
-       "compute_dtype": "float32"}
+       "compute_dtype": "float32", "recompute": sys.argv[2] == "planned"}
 res = compress(m, {"stages": [rec]}, tokenizer=tok, calibration=CalibrationConfig(text=sys.argv[3]))
 s = res.stages[-1]
 print(json.dumps({"plan": s["plan"], "peak": s["peak_rss_bytes"]}))

@@ -51,6 +51,8 @@ class Recover(Stage):
     loss_chunk: int = Field(256, ge=1, description="tokens whose logits are computed at once")
     checkpoint_every: int = Field(25, ge=1, description="steps between resumable checkpoints")
     state_file: str | None = Field(None, description="where the resumable checkpoint lives")
+    recompute: bool = Field(True, description="false: keep the plan's micro-batch but recompute nothing "
+                                              "(to measure what recomputation saves)")
 
     needs_teacher: ClassVar[bool] = True
 
@@ -99,7 +101,7 @@ class Recover(Stage):
                                      + (", teacher_dtype: bfloat16" if self.teacher_dtype == "float32" else ""))
             for line in plan.lines():
                 progress.console.print(line)
-            undo = planner.apply(model, plan.states)
+            undo = planner.apply(model, plan.states) if self.recompute else []
         micro = plan.micro_batch if plan else self.windows_per_step
         sdt = plan.state_dtype if plan else ("float32" if self.state_dtype == "auto" else self.state_dtype)
         grid, rest = [], []
