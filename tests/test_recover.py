@@ -105,7 +105,9 @@ def test_without_a_teacher_it_says_how_to_get_one():
         Recover().run(Context(make_tiny(layers=1)))
 
 
-def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path):
+@pytest.mark.parametrize("optimizer,state_dtype", [("adashift", None), ("adashift", torch.bfloat16),
+                                                   ("adamw", None)])
+def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path, optimizer, state_dtype):
     tok = make_tiny_tokenizer()
     ids = tok(TEXT, return_tensors="pt").input_ids[0]
     windows = ids[: 12 * 32].view(12, 32)
@@ -115,8 +117,8 @@ def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path):
         teacher = make_tiny(layers=2, vocab=len(tok), seed=2)
         tr = attach(student, layer_linears(student), {}, {}, "full")
         cfg = distill.TrainConfig(steps=6, windows_per_step=2, micro_batch=1, lr=1e-3, grid_lr=1e-3,
-                                  optimizer="adashift", adashift_n=2, checkpoint_every=2, state_file=state,
-                                  stop_after=stop)
+                                  optimizer=optimizer, adashift_n=2, checkpoint_every=2, state_file=state,
+                                  stop_after=stop, state_dtype=state_dtype)
         log = distill.train(student, teacher, windows, [{"params": tr.parameters()}], cfg)
         return student, log
 
@@ -130,3 +132,14 @@ def test_resumed_training_ends_where_an_uninterrupted_one_does(tmp_path):
     for (n, a), b in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), n
     assert not state.exists()  # a finished run leaves no state behind
+
+
+def test_an_unreadable_state_file_is_refused_with_the_fix(tmp_path):
+    state = tmp_path / "state.pt"
+    state.write_bytes(b"not a checkpoint")
+    student, teacher = make_tiny(layers=1, seed=1), make_tiny(layers=1, seed=2)
+    cfg = distill.TrainConfig(steps=2, windows_per_step=1, micro_batch=1, lr=1e-3, grid_lr=1e-3, state_file=state)
+    windows = torch.randint(0, student.config.vocab_size, (2, 16))
+    with pytest.raises(PocketError, match="delete it"):
+        distill.train(student, teacher, windows, [{"params": list(student.parameters())}], cfg)
+    assert state.read_bytes() == b"not a checkpoint"

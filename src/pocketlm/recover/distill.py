@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import progress
+from ..errors import PocketError
 from . import memory
 
 
@@ -115,13 +116,17 @@ def train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, groups:
     fp = cfg.fingerprint(windows)
     start = 0
     if cfg.state_file is not None and Path(cfg.state_file).is_file():
-        st = torch.load(cfg.state_file, weights_only=False)
+        try:
+            st = torch.load(cfg.state_file, weights_only=True)  # tensors and plain containers only
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise PocketError(f"cannot read the recovery state {cfg.state_file} ({type(e).__name__}); "
+                              "delete it to start the recovery afresh") from None
         if st.get("fingerprint") == fp:
             with torch.no_grad():
                 for p in params:
                     p.copy_(st["params"][names[id(p)]])
             opt.load_state_dict(st["optimizer"])
-            start, log = st["step"], st["log"]
+            start, log = st["step"], TrainLog(**st["log"])
             log.resumed_from = start
     s_dec, t_dec = student.get_decoder(), teacher.get_decoder()
     s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
@@ -177,5 +182,5 @@ def _save_state(path: Path, fp: str, step: int, params, names, opt, log: TrainLo
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save({"fingerprint": fp, "step": step, "params": {names[id(p)]: p.detach().clone() for p in params},
-                "optimizer": opt.state_dict(), "log": log}, tmp)
+                "optimizer": opt.state_dict(), "log": asdict(log)}, tmp)
     os.replace(tmp, path)
