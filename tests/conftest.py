@@ -120,3 +120,13 @@ def tokenizer():
     from pocketlm import models
 
     return models.load_tokenizer(models.resolve("smollm2-135m"))
+
+
+def random_windows(n: int = 4, L: int = 64, seed: int = 0, vocab: int = 49152) -> torch.Tensor:
+    """``n`` windows of ``L`` random token ids (calibration input for the tiny models)."""
+    return torch.randint(0, vocab, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def nm_ok(w: torch.Tensor, n: int, m: int) -> bool:
+    """Whether every group of ``m`` consecutive inputs of each row keeps at most ``n`` weights."""
+    return bool(((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all())
