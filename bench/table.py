@@ -11,7 +11,12 @@ or compare two of its configurations window by window.
     python bench/table.py kv [--swa]           # fewer KV heads; --swa: sliding-window layers
     python bench/table.py recover [--memory|--sweep|--curves]   # recovery: healed models; planned
                                                # memory; AdamW vs AdaShift; loss curves (PNG)
+    python bench/table.py gptq --rows A,B,...  # only these configurations, in this order
+    python bench/table.py prune --rebuild      # each pruner against its LLM-Barber rebuild, paired over windows
+    python bench/table.py prune --layers       # ShortGPT's layers against random and last layers
+    python bench/table.py engine_memory        # the layer-wise engine's memory
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
+    python bench/table.py --check              # exit 1 if a block of README or docs/ differs from its table
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = {
+    "rtn": [("config", "config"), ("bpw_quantized", "bpw (quantized linears)"), ("ppl", "perplexity"), ("kl", "KL"),
+            ("top1", "top-1"), ("compress_s", "compress s"), ("eval_s", "eval s"), ("peak_rss_mib", "peak RSS MiB")],
     "prune": [("config", "config"), ("sparsity", "sparsity"), ("layers", "layers"), ("ppl", "perplexity"),
               ("kl", "KL"), ("top1", "top-1"), ("bytes_on_disk", "MiB on disk"), ("compress_s", "compress s")],
     "gptq": [("config", "config"), ("bpw_quantized", "bpw"), ("ppl", "perplexity"), ("kl", "KL"), ("top1", "top-1"),
@@ -47,9 +54,17 @@ def cell(key: str, v) -> str:
     return str(v)
 
 
-def main(name: str) -> None:
+def main(name: str, only: list[str] | None = None) -> None:
     norm = lambda x: x.replace("-", "_")  # noqa: E731
     rows = [r for r in _rows(name) if norm(r.get("bench", name)) == norm(name)]
+    if only is not None:
+        by = {r.get("config"): r for r in rows}
+        missing = [c for c in only if c not in by]
+        if missing:
+            raise SystemExit(f"no configuration {', '.join(missing)} in {name}.jsonl")
+        rows = [by[c] for c in only]
+    if name == "engine_memory":
+        return engine_memory(rows)
     if name.endswith(("_speed", "_llama_bench")):
         return speed(rows)
     if name == "kv":
@@ -61,6 +76,58 @@ def main(name: str) -> None:
     print("| " + " | ".join("---" for _ in cols) + " |")
     for r in rows:
         print("| " + " | ".join(cell(k, r.get(k)) for k, _ in cols) + " |")
+
+
+def engine_memory(rows: list[dict]) -> None:
+    """The layer-wise engine's memory: what is resident, what the engine adds."""
+    r = rows[-1]
+    act = r["one_layer_activations_mib"]
+    print("| measure | MiB |")
+    print("| --- | --- |")
+    print(f"| model weights (float32) | {r['model_mib']} |")
+    print(f"| one layer's activations ({r['windows']} x {r['seq_len']} tokens x hidden x 4 bytes) | {act} |")
+    print(f"| process RSS after loading the model | {r['rss_after_load_mib']} |")
+    print(f"| peak RSS during the engine | {r['engine_peak_rss_mib']} |")
+    over = r["engine_peak_over_loaded_mib"]
+    print(f"| engine's own peak above the loaded process | {over} (= 2 x {act} activation buffers + "
+          f"{over - 2 * act:.1f} working memory) |")
+    print(f"\n{r['tokens_per_s']} tokens/s through the decoder layers ({r['seconds']} s, {r['threads']} threads).")
+
+
+def prune_rebuild(rows: list[dict]) -> None:
+    """Each pruner's masks against the same masks after the LLM-Barber rebuild (its ``+barber``
+    row, same process): the paired per-window difference of the token NLL."""
+    by = {r["config"]: r for r in rows}
+    print("| pruner | perplexity | after rebuild | KL | after rebuild | paired NLL difference +- SE | windows lower |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, r in by.items():
+        b = by.get(name + "+barber")
+        if b is None or not r.get("window_nll") or not b.get("window_nll"):
+            continue
+        d, se = _diff(r["window_nll"], b["window_nll"])
+        lower = sum(v < u for u, v in zip(r["window_nll"], b["window_nll"]))
+        print(f"| {name} | {r['ppl']:.3f} | {b['ppl']:.3f} | {r['kl']:.4g} | {b['kl']:.4g} | {d:+.4f} +- {se:.4f} | "
+              f"{lower} of {len(b['window_nll'])} |")
+
+
+def prune_layers(rows: list[dict]) -> None:
+    """Layer removal: ShortGPT's choice (lowest Block Influence) against random layers (each seed)
+    and the last layers, at each number of layers removed."""
+    by = {r["config"]: r for r in rows}
+    sizes = sorted({c.split("-")[1] for c in by if c.startswith("shortgpt-")}, key=int)
+    print("| layers removed | ShortGPT (BI): perplexity, KL, layers | random layers: perplexity per seed (geo-mean) | "
+          "last layers |")
+    print("| --- | --- | --- | --- |")
+    for n in sizes:
+        s = by[f"shortgpt-{n}"]
+        rnd = [r["ppl"] for c, r in by.items() if c.startswith(f"random-{n}-")]
+        geo = math.exp(sum(math.log(v) for v in rnd) / len(rnd)) if rnd else None
+        gone = s["stages"][0]["removed"]
+        last = by.get(f"last-{n}")
+        last = f"{last['ppl']:.3g}" if last else "–"
+        print(f"| {len(gone)} of {len(gone) + s['layers']} | {s['ppl']:.4g}, KL {s['kl']:.3g}, "
+              f"layers {', '.join(map(str, gone))} | {' / '.join(f'{v:.4g}' for v in rnd)}"
+              f"{f' ({geo:.3g})' if geo else ''} | {last} |")
 
 
 def kv_tables(rows: list[dict]) -> None:
@@ -327,6 +394,12 @@ def run(args: list[str]) -> None:
         recover_sweep(_rows("recover"))
     elif args == ["recover", "--curves"]:
         recover_curves()
+    elif len(args) == 3 and args[1] == "--rows":
+        main(args[0], args[2].split(","))
+    elif args == ["prune", "--layers"]:
+        prune_layers(_rows("prune"))
+    elif args == ["prune", "--rebuild"]:
+        prune_rebuild(_rows("prune"))
     elif len(args) == 1:
         main(args[0])
     else:
@@ -336,13 +409,15 @@ def run(args: list[str]) -> None:
 BLOCK = re.compile(r"(<!-- table: (?P<args>[^>]*?) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
 
-def update_docs() -> None:
+def update_docs(check: bool = False) -> list[str]:
     """Regenerate every table block of README.md and docs/*.md from bench/results/: a block is
-    ``<!-- table: ARGS -->`` ... ``<!-- /table -->``, its body the output of ``table.py ARGS``."""
+    ``<!-- table: ARGS -->`` ... ``<!-- /table -->``, its body the output of ``table.py ARGS``.
+    With ``check``, write nothing and return the documents whose blocks differ."""
     import contextlib
     import io
 
     root = RESULTS.parent.parent
+    stale = []
     for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         text = doc.read_text()
 
@@ -358,12 +433,19 @@ def update_docs() -> None:
 
         new = BLOCK.sub(fill, text)
         if new != text:
-            doc.write_text(new)
-            print(f"updated {doc.relative_to(root)}")
+            stale.append(str(doc.relative_to(root)))
+            if not check:
+                doc.write_text(new)
+                print(f"updated {doc.relative_to(root)}")
+    return stale
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--update-docs"]:
         update_docs()
+    elif sys.argv[1:] == ["--check"]:
+        out = update_docs(check=True)
+        if out:
+            raise SystemExit("out of date (run bench/table.py --update-docs): " + ", ".join(out))
     else:
         run(sys.argv[1:])

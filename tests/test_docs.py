@@ -38,3 +38,15 @@ def test_adding_a_method_example_registers_and_compresses():
     finally:
         stages.REGISTRY.pop("ternary", None)
         sys.modules.pop(module.__name__, None)
+
+
+def test_every_table_in_the_docs_is_generated_from_the_bench_results():
+    """README and docs/ quote benchmark numbers only through ``<!-- table: ARGS -->`` blocks whose
+    body is exactly ``bench/table.py ARGS`` on bench/results/ (nothing hand-copied)."""
+    import runpy
+
+    table = runpy.run_path(str(DOCS.parent / "bench" / "table.py"))
+    assert table["update_docs"](check=True) == []
+    blocks = [m for doc in [DOCS.parent / "README.md", *DOCS.glob("*.md")]
+              for m in table["BLOCK"].finditer(doc.read_text())]
+    assert len(blocks) >= 15 and all(m.group("body").startswith("| ") for m in blocks)
