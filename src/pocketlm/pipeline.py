@@ -52,7 +52,7 @@ class CompressionResult:
 
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write the model (transformers directory, safetensors), the recipe, the quantizer's
-        scales and zero points, and ``pocketlm.json``; all or nothing."""
+        scales and zero points, ``pocketlm.json`` and ``report.html``; all or nothing."""
         with atomic_dir(out, overwrite=overwrite) as tmp:
             models.save(self.model, self.tokenizer, tmp, masks=self.context.masks)
             (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
@@ -65,6 +65,10 @@ class CompressionResult:
             man["exports"] = self._exports(tmp)
             man["bytes_on_disk"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             (tmp / "pocketlm.json").write_text(json.dumps(man, indent=2))
+            from . import report  # matplotlib: imported only when a result is written
+
+            (tmp / "report.html").write_text(report.build([report.Run.load(tmp, Path(out).name)], report.Anchors()),
+                                             encoding="utf-8")
         return Path(out)
 
     def _exports(self, tmp: Path) -> dict:
