@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import torch
 
-# candidate scales: the range-based scale times these factors (1.0 is the range-based one)
-SYM_FACTORS = torch.cat([torch.tensor([1.0]), torch.linspace(0.80, 1.20, 21)])
+# candidate scales: the range-based scale times these factors (1.0, the range-based one, first).
+# Steps of 0.04 over 0.8-1.2 reach within 0.02% of the weighted error of steps of 0.02 on
+# SmolLM2's linears with its calibration imatrix (IQ4_NL and Q4_0 levels), in half the time;
+# a narrower range or only the outer end of an asymmetric level set loses 1-30%.
+SYM_FACTORS = torch.tensor([1.0, 0.8, 0.84, 0.88, 0.92, 0.96, 1.04, 1.08, 1.12, 1.16, 1.2])
 ASYM_STEPS = torch.cat([torch.tensor([0.0]), torch.linspace(-1.0, 1.0, 21)])  # extra levels spread
 
 
