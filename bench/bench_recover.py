@@ -13,7 +13,8 @@ on its block scales, exported and scored in llama.cpp too), ``kv1-aligned`` (3 K
 1 after alignment); each reports the compressed model (``NAME``, measured before recovery, in
 the same run) and the recovered one (``NAME+recover``), and checks that the structure survived
 training and a save and reload (pruned weights zero, N:M groups, layer and head counts, codes on
-the grid). ``memory-2GiB`` plans a LoRA recovery of the 2:4 model to 2 GiB and runs it, and
+the grid); the recovered model stays in POCKETLM_BENCH_DIR/recovered/ (default /tmp/pocketlm-gguf)
+for zero-shot runs (``bench/bench_zeroshot.py``). ``memory-2GiB`` plans a LoRA recovery of the 2:4 model to 2 GiB and runs it, and
 runs the same micro-batch without recomputation, each in its own process, reading the
 kernel's peak RSS.
 
@@ -40,6 +41,7 @@ COMPRESS = {
                         "calib_dtype": "bfloat16"}],
     "kv1-aligned": [{"method": "kv-heads", "kv_heads": 1, "merge": "aligned"}],
 }
+SAVED = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf")) / "recovered"  # the healed models
 MEMORY = ["memory-2GiB-planned", "memory-2GiB-unplanned"]
 SWEEP_LR = ("3e-4", "1e-3", "3e-3")
 SWEEP = [f"sweep-{opt}-{lr}" for opt in ("adamw", "adashift") for lr in SWEEP_LR]
@@ -72,16 +74,16 @@ def measure(name: str, model, tok, res, cache, windows: int, extra: dict | None 
     from pocketlm import models
 
     rep = structure(model, res.context)
-    if name.endswith("+recover"):  # the structure after a save and a reload, too
-        with tempfile.TemporaryDirectory() as d:
-            res.save(Path(d) / "out")
-            back, _, _ = models.load(str(Path(d) / "out"))
-            ctx = res.context
-            rep["reloaded_equal"] = all(
-                bool((back.get_submodule(n).weight == model.get_submodule(n).weight).all())
-                for n in [*ctx.masks, *ctx.quant][:50])
-            rep["reloaded_layers"] = back.config.num_hidden_layers
-            del back
+    if name.endswith("+recover"):  # the structure after a save and a reload, too; kept for zero-shot runs
+        d = SAVED / name
+        res.save(d, overwrite=True)
+        back, _, _ = models.load(str(d))
+        ctx = res.context
+        rep["reloaded_equal"] = all(bool((back.get_submodule(n).weight == model.get_submodule(n).weight).all())
+                                    for n in [*ctx.masks, *ctx.quant][:50])
+        rep["reloaded_layers"] = back.config.num_hidden_layers
+        rep["saved"] = str(d)
+        del back
     r = pocketlm.perplexity(model, tok, "wikitext2", 2048, windows, reference=cache)
     if name.startswith("imatrix"):  # the deployed file: exported, scored by llama.cpp
         from pocketlm.export import export_model

@@ -14,6 +14,7 @@ or compare two of its configurations window by window.
     python bench/table.py gptq --rows A,B,...  # only these configurations, in this order
     python bench/table.py prune --rebuild      # each pruner against its LLM-Barber rebuild, paired over windows
     python bench/table.py prune --layers       # ShortGPT's layers against random and last layers
+    python bench/table.py zeroshot             # HellaSwag acc / acc_norm, paired against the float model
     python bench/table.py engine_memory        # the layer-wise engine's memory
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
     python bench/table.py --check              # exit 1 if a block of README or docs/ differs from its table
@@ -71,6 +72,8 @@ def main(name: str, only: list[str] | None = None) -> None:
         return kv_tables(rows)
     if name == "recover":
         return recover_table(rows)
+    if name == "zeroshot":
+        return zeroshot_table(rows)
     cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
@@ -128,6 +131,20 @@ def prune_layers(rows: list[dict]) -> None:
         print(f"| {len(gone)} of {len(gone) + s['layers']} | {s['ppl']:.4g}, KL {s['kl']:.3g}, "
               f"layers {', '.join(map(str, gone))} | {' / '.join(f'{v:.4g}' for v in rnd)}"
               f"{f' ({geo:.3g})' if geo else ''} | {last} |")
+
+
+def zeroshot_table(rows: list[dict]) -> None:
+    """HellaSwag acc and acc_norm (+- SE); acc_norm against the float PyTorch model task by task."""
+    base = next((r for r in rows if r["config"] == "float-torch"), None)
+    print("| config | runtime | tasks | acc | acc_norm | acc_norm vs float-torch (paired, +- SE) | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        d = "–"
+        if base is not None and r is not base and len(base["correct_norm"]) == len(r["correct_norm"]):
+            m, se = _diff([float(x) for x in base["correct_norm"]], [float(x) for x in r["correct_norm"]])
+            d = f"{m:+.4f} +- {se:.4f}"
+        print(f"| {r['config']} | {r['runtime']} | {r['tasks']:,} | {r['acc']:.4f} +- {r['acc_stderr']:.4f} | "
+              f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} | {d} | {r['seconds']:.0f} |")
 
 
 def kv_tables(rows: list[dict]) -> None:
