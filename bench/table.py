@@ -14,6 +14,7 @@ or compare two of its configurations window by window.
     python bench/table.py gptq --rows A,B,...  # only these configurations, in this order
     python bench/table.py prune --rebuild      # each pruner against its LLM-Barber rebuild, paired over windows
     python bench/table.py prune --layers       # ShortGPT's layers against random and last layers
+    python bench/table.py rope                 # the RoPE-base bound: the paper's rows, then each model's
     python bench/table.py zeroshot             # HellaSwag acc / acc_norm, paired against the float model
     python bench/table.py engine_memory        # the layer-wise engine's memory
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
@@ -74,6 +75,8 @@ def main(name: str, only: list[str] | None = None) -> None:
         return recover_table(rows)
     if name == "zeroshot":
         return zeroshot_table(rows)
+    if name == "rope":
+        return rope_table(rows)
     cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
@@ -131,6 +134,30 @@ def prune_layers(rows: list[dict]) -> None:
         print(f"| {len(gone)} of {len(gone) + s['layers']} | {s['ppl']:.4g}, KL {s['kl']:.3g}, "
               f"layers {', '.join(map(str, gone))} | {' / '.join(f'{v:.4g}' for v in rnd)}"
               f"{f' ({geo:.3g})' if geo else ''} | {last} |")
+
+
+def rope_table(rows: list[dict]) -> None:
+    """The RoPE-base bound: the paper's reference rows recomputed, then each model's."""
+    print("| head dim 128: context | smallest base that supports it | the paper's |")
+    print("| --- | --- | --- |")
+    for r in rows:
+        if r["config"].startswith("paper-"):
+            print(f"| {r['length']:,} | {r['required_base']:.2g} | {r['paper_base']:.2g} |")
+    print()
+    targets = next((list(r["required_base"]) for r in rows if isinstance(r.get("required_base"), dict)), [])
+    print("| model | head dim | rope base | trained context | supported context | "
+          + " | ".join(f"base for {int(t) // 1024}k" for t in targets) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in targets) + " |")
+    for r in rows:
+        if not isinstance(r.get("required_base"), dict):
+            continue
+        base = f"{r['rope_theta']:.2g}"
+        sup = f"{r['supported_context']:,}"
+        if r.get("rope_theta_sliding"):
+            base += f" (sliding layers {r['rope_theta_sliding']:.2g})"
+            sup += f" (sliding layers {r['supported_context_sliding']:,}, window {r['sliding_window']})"
+        print(f"| {r['config']} | {r['head_dim']} | {base} | {r['trained_context']:,} | {sup} | "
+              + " | ".join(f"{r['required_base'][t]:.2g}" for t in targets) + " |")
 
 
 def zeroshot_table(rows: list[dict]) -> None:
