@@ -128,3 +128,19 @@ def test_barber_model_judge_rejection_restores_mask_and_weights(monkeypatch):
         for name, lin in models.layer_linears(m).items():
             assert torch.equal(rep.context.masks[name], before.context.masks[name]), name
             assert torch.equal(lin.weight, models.layer_linears(ref)[name].weight), name
+
+
+def test_barber_takes_its_defaults_from_the_pruner_that_chose_the_masks(monkeypatch):
+    """Each pruner class carries LLM-Barber's defaults for its masks (a new pruner declares its
+    own); an explicit alpha or granularity in the recipe wins."""
+    from pocketlm.prune.magnitude import Magnitude
+    from pocketlm.prune.wanda import Wanda
+
+    assert Wanda.barber_defaults == (0.01, "row") and Magnitude.barber_defaults == (0.1, "block")
+    monkeypatch.setattr(Magnitude, "barber_defaults", (0.3, "row"))
+    stages = [{"method": "magnitude", "sparsity": 0.5}, {"method": "barber", "judge": "block", "scales": [1.0]}]
+    rep = compress(make_tiny(layers=1), {"stages": stages}, calibration=random_windows()).stages[1]
+    assert (rep["alpha"], rep["granularity"], rep["resolve"]) == (0.3, "row", False)
+    stages[1] |= {"alpha": 0.05, "granularity": "layer"}
+    rep = compress(make_tiny(layers=1), {"stages": stages}, calibration=random_windows()).stages[1]
+    assert (rep["alpha"], rep["granularity"]) == (0.05, "layer")

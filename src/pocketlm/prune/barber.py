@@ -24,12 +24,10 @@ from torch.func import functional_call
 from ..calibrate import LayerProcessor, LayerView, run_layerwise
 from ..errors import PocketError
 from ..models import ModelAdapter
-from ..stages import Stage, register
+from ..stages import REGISTRY, Stage, register
 from ..stats import HessianProcessor
 from .judge import ModelJudge
 
-#: Defaults by the pruner that chose the masks (LLM-Barber, Su et al., 2024): (alpha, granularity).
-DEFAULTS = {"wanda": (0.01, "row"), "magnitude": (0.1, "block"), "sparsegpt": (0.1, "layer")}
 
 
 def swap_count(pruned: torch.Tensor, kept: torch.Tensor, alpha: float) -> int:
@@ -342,13 +340,14 @@ class Barber(Stage):
                               "magnitude) before it in the recipe")
         if not ctx.dense:
             raise PocketError("barber needs the dense weights of the pruned model; run the pruner in the same recipe")
-        alpha, gran = DEFAULTS.get(ctx.pruned_by, (0.1, "layer"))
+        pruner = REGISTRY.get(ctx.pruned_by)  # its defaults for alpha and granularity live on it
+        alpha, gran = getattr(pruner, "barber_defaults", (0.1, "layer"))
         alpha = self.alpha if self.alpha is not None else alpha
         gran = self.granularity or gran
         windows = ctx.windows()
         held = min(self.held_out, windows.shape[0] - 1)
         n_grad = min(self.windows or windows.shape[0] - held, windows.shape[0] - held)
-        resolve = self.resolve if self.resolve is not None else ctx.pruned_by == "sparsegpt"
+        resolve = self.resolve if self.resolve is not None else getattr(pruner, "barber_resolves", False)
         judge = None
         if self.judge == "model":
             ids = windows[n_grad : n_grad + held] if held else windows[:n_grad]

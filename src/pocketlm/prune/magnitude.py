@@ -1,7 +1,7 @@
 """Magnitude pruning: drop the weights of smallest |W| in each linear. Needs no data."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -13,6 +13,7 @@ from .masks import PruneStage, select
 class Magnitude(PruneStage):
     method: Literal["magnitude"] = "magnitude"
     per_row: bool = Field(False, description="compare weights within each output row instead of the whole matrix")
+    barber_defaults: ClassVar[tuple[float, str]] = (0.1, "block")
 
     def run(self, ctx) -> dict:
         names = [n for n in ctx.linears() if self.selects(n)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from pydantic import Field, field_validator
@@ -46,6 +46,11 @@ class PruneStage(Stage):
     pattern: str | None = Field(None, description="N:M pattern instead of a ratio: keep N of every M inputs (2:4)")
     overrides: dict[str, float | str] = Field(
         default_factory=dict, description="glob over linear names -> sparsity or N:M pattern (last match wins)")
+
+    #: LLM-Barber's defaults for masks this pruner chose (Su et al., 2024): (alpha, granularity),
+    #: and whether the rebuilt rows' weights are solved again (pruners that update weights)
+    barber_defaults: ClassVar[tuple[float, str]] = (0.1, "layer")
+    barber_resolves: ClassVar[bool] = False
 
     @field_validator("pattern")
     @classmethod

@@ -4,7 +4,7 @@ Cholesky factor of H^-1), every pruned weight's error is spread over the columns
 processed, as GPTQ does with rounding errors. N:M patterns choose the mask every M columns."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -89,6 +89,8 @@ class SparseGPT(PruneStage):
     method: Literal["sparsegpt"] = "sparsegpt"
     blocksize: int = Field(128, ge=1, description="columns whose mask is chosen together")
     damp: float = Field(0.01, gt=0, description="damping as a fraction of mean(diag H)")
+    barber_defaults: ClassVar[tuple[float, str]] = (0.1, "layer")
+    barber_resolves: ClassVar[bool] = True
 
     needs_calibration = True
 

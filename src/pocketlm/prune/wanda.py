@@ -3,7 +3,7 @@ each output row (or keep the N highest of every M inputs); no weight update. Lay
 sequentially: later layers see the inputs the pruned earlier layers produce."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -57,6 +57,7 @@ class WandaProcessor(PruneLayer, ColumnNorms):
 class Wanda(PruneStage):
     method: Literal["wanda"] = "wanda"
     per_row: bool = Field(True, description="compare scores within each output row (Wanda's choice)")
+    barber_defaults: ClassVar[tuple[float, str]] = (0.01, "row")
 
     needs_calibration = True
 
