@@ -114,22 +114,7 @@ def train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, groups:
     params = [p for g in groups for p in g["params"]]
     names = {id(p): n for n, p in student.named_parameters()}
     fp = cfg.fingerprint(windows)
-    start = 0
-    if cfg.state_file is not None and Path(cfg.state_file).is_file():
-        try:
-            st = torch.load(cfg.state_file, weights_only=True)  # tensors and plain containers only
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise PocketError(f"cannot read the recovery state {cfg.state_file} ({type(e).__name__}); "
-                              "delete it to start the recovery afresh") from None
-        if st.get("fingerprint") == fp:
-            with torch.no_grad():
-                for p in params:
-                    p.copy_(st["params"][names[id(p)]])
-            opt.load_state_dict(st["optimizer"])
-            start, log = st["step"], TrainLog(**st["log"])
-            log.resumed_from = start
-    s_dec, t_dec = student.get_decoder(), teacher.get_decoder()
-    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    start, log = _resume(cfg.state_file, fp, params, names, opt, log)
     tokens_per_step = cfg.windows_per_step * windows.shape[1]
     memory.reset_peak()
     t0 = time.perf_counter() - log.seconds
@@ -140,23 +125,8 @@ def train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, groups:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
             batch = windows[(step * cfg.windows_per_step + torch.arange(cfg.windows_per_step)) % windows.shape[0]]
-            total = 0.0
             n_tok = batch.shape[0] * (batch.shape[1] - 1)
-            for mb in batch.split(cfg.micro_batch):
-                with torch.no_grad(), _autocast(cfg.compute_dtype):
-                    ht = t_dec(input_ids=mb, use_cache=False).last_hidden_state
-                with _autocast(cfg.compute_dtype):
-                    hs = s_dec(input_ids=mb, use_cache=False).last_hidden_state
-                hs, ht, tgt = hs[:, :-1], ht[:, :-1], mb[:, 1:]
-                L = hs.shape[1]
-                loss = hs.new_zeros((), dtype=torch.float32)
-                for c in range(0, L, max(1, cfg.loss_chunk // mb.shape[0])):
-                    sl = slice(c, c + max(1, cfg.loss_chunk // mb.shape[0]))
-                    loss = loss + checkpoint(_chunk_loss, s_head, t_head, hs[:, sl], ht[:, sl], tgt[:, sl],
-                                             cfg.ce_weight, cfg.compute_dtype, use_reentrant=False)
-                (loss / n_tok).backward()
-                total += float(loss.detach())
-                del hs, ht, loss
+            total = sum(_backward(mb, n_tok, student, teacher, cfg) for mb in batch.split(cfg.micro_batch))
             opt.step()
             opt.zero_grad(set_to_none=True)
             if after_step is not None:
@@ -176,6 +146,46 @@ def train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, groups:
     if cfg.state_file is not None and Path(cfg.state_file).is_file():
         Path(cfg.state_file).unlink()
     return log
+
+
+def _backward(mb: torch.Tensor, n_tok: int, student: nn.Module, teacher: nn.Module, cfg: TrainConfig) -> float:
+    """One micro-batch: both models' final hidden states, the loss chunk by chunk (each chunk's
+    logits recomputed in the backward pass), its gradient accumulated; returns the summed loss."""
+    with torch.no_grad(), _autocast(cfg.compute_dtype):
+        ht = teacher.get_decoder()(input_ids=mb, use_cache=False).last_hidden_state
+    with _autocast(cfg.compute_dtype):
+        hs = student.get_decoder()(input_ids=mb, use_cache=False).last_hidden_state
+    hs, ht, tgt = hs[:, :-1], ht[:, :-1], mb[:, 1:]
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    step = max(1, cfg.loss_chunk // mb.shape[0])
+    loss = hs.new_zeros((), dtype=torch.float32)
+    for c in range(0, hs.shape[1], step):
+        sl = slice(c, c + step)
+        loss = loss + checkpoint(_chunk_loss, s_head, t_head, hs[:, sl], ht[:, sl], tgt[:, sl], cfg.ce_weight,
+                                 cfg.compute_dtype, use_reentrant=False)
+    (loss / n_tok).backward()
+    return float(loss.detach())
+
+
+def _resume(state_file: Path | None, fp: str, params, names, opt, log: "TrainLog") -> tuple[int, "TrainLog"]:
+    """The step to start from: a checkpoint written by a run with the same fingerprint restores
+    the trained tensors, the optimizer and the log; otherwise step 0."""
+    if state_file is None or not Path(state_file).is_file():
+        return 0, log
+    try:
+        st = torch.load(state_file, weights_only=True)  # tensors and plain containers only
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise PocketError(f"cannot read the recovery state {state_file} ({type(e).__name__}); "
+                          "delete it to start the recovery afresh") from None
+    if st.get("fingerprint") != fp:
+        return 0, log
+    with torch.no_grad():
+        for p in params:
+            p.copy_(st["params"][names[id(p)]])
+    opt.load_state_dict(st["optimizer"])
+    log = TrainLog(**st["log"])
+    log.resumed_from = st["step"]
+    return st["step"], log
 
 
 def _save_state(path: Path, fp: str, step: int, params, names, opt, log: TrainLog) -> None:
