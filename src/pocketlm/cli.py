@@ -182,18 +182,7 @@ def eval_cmd(
         data.check_text(ppl)
     if kl_against is not None:
         models.load_config(kl_against)  # a missing or broken reference is found before any weights load
-    try:
-        config = models.load_config(model)
-    except PocketError:
-        if not model.endswith(".gguf"):
-            raise
-        config = None  # a GGUF file transformers cannot describe still runs in llama.cpp
-    if config is not None:
-        longest = getattr(config, "max_position_embeddings", None)
-        if longest and seq_len > longest:
-            raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); "
-                              f"use at most {longest}")
-        _warn_context(config, seq_len)
+    _check_context(model, seq_len)
     use_cpp = runtime == "llama.cpp" or (runtime == "auto" and model.endswith(".gguf"))
     if use_cpp:
         from .runtime.llamacpp import LlamaCppScorer
@@ -215,6 +204,23 @@ def eval_cmd(
     print(json.dumps({"model": model, **d}))
     if json_out:
         _write_json(json_out, {"model": model, **d})
+
+
+def _check_context(model: str, seq_len: int) -> None:
+    """Refuse windows longer than the model's context; warn beyond what its RoPE base supports."""
+    from . import models
+
+    try:
+        config = models.load_config(model)
+    except PocketError:
+        if not model.endswith(".gguf"):
+            raise
+        return  # a GGUF file transformers cannot describe still runs in llama.cpp
+    longest = getattr(config, "max_position_embeddings", None)
+    if longest and seq_len > longest:
+        raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); "
+                          f"use at most {longest}")
+    _warn_context(config, seq_len)
 
 
 def _zero_shot(scorer, tok, task: str, limit, model: str, json_out) -> None:

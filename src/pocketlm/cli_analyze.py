@@ -36,65 +36,83 @@ def analyze_cmd(
     with --layers the Block Influence of every decoder layer (table, JSON, bar chart PNG), or
     with --rope the context the rope base supports (Xu et al., 2024), the base each usual
     context length needs, and perplexity by position on long windows (table, JSON, PNG)."""
-    from . import analyze as ana
-    from . import models
-
     _check("calib-windows", calib_windows, 1)
     _check("calib-len", calib_len, 2)
     check_output(out_dir, True, "dir", inputs=_local_inputs(model))
     if group_size != -1:
         _check("group-size", group_size, 1)
     if attention:
-        m, tok, _ = models.load(model)
-        res = ana.attention(m, tok, out_dir, calib_windows, calib_len)
-        t = Table(title=f"share of attention mass within the last w tokens ({model}; high = local)")
-        t.add_column("layer", justify="right")
-        for w in res["widths"]:
-            t.add_column(f"w={w}", justify="right")
-        for i, row in enumerate(res["local_mass"]):
-            t.add_row(str(i), *[f"{v:.3f}" for v in row])
-        out.print(t)
-        out.print(f"wrote {out_dir}/attention_span.json and attention_span.png")
-        return
+        return _attention(model, out_dir, calib_windows, calib_len)
     if rope:
-        _check("windows", windows, 1)
-        _check("seq-len", seq_len, 2)
-        longest = getattr(models.load_config(model), "max_position_embeddings", None) or 8192
-        if seq_len is not None and seq_len > longest:
-            raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); "
-                              f"use at most {longest}")
-        m, tok, _ = models.load(model)
-        res = ana.rope(m, tok, out_dir, windows, seq_len or min(longest, 8192))
-        t = Table(title=f"RoPE base {res['rope_theta']:g} at head dim {res['head_dim']}: supports "
-                        f"{res['supported_context']:,} tokens (trained on {res['trained_context'] or '?'})")
-        t.add_column("context")
-        t.add_column("smallest base that supports it", justify="right")
-        for n, b in res["base_needed"].items():
-            t.add_row(f"{int(n):,}", f"{b:.2g}")
-        out.print(t)
-        bp = res["by_position"]
-        t = Table(title=f"perplexity by position, {bp['windows']} x {bp['seq_len']} tokens of {bp['corpus']}")
-        t.add_column("positions from", justify="right")
-        t.add_column("perplexity", justify="right")
-        for start, v in zip(bp["bucket_start"], bp["bucket_ppl"]):
-            t.add_row(f"{start:,}", f"{v:.3f}")
-        out.print(t)
-        out.print(f"wrote {out_dir}/rope.json and rope_by_position.png")
-        return
+        return _rope(model, out_dir, windows, seq_len)
     if layers:
-        if not 0 < remove_fraction < 1:
-            raise PocketError("--remove-fraction must lie between 0 and 1")
-        m, tok, _ = models.load(model)
-        res = ana.layers(m, tok, out_dir, calib_windows, calib_len, remove_fraction)
-        t = Table(title=f"Block Influence of {model}'s layers (1 - mean cos(in, out); low = removable)")
-        t.add_column("layer", justify="right")
-        t.add_column("BI", justify="right")
-        t.add_column("ShortGPT removes", justify="center")
-        for i, v in enumerate(res["block_influence"]):
-            t.add_row(str(i), f"{v:.4f}", "x" if i in res["lowest"] else "")
-        out.print(t)
-        out.print(f"wrote {out_dir}/block_influence.json and block_influence.png")
-        return
+        return _layers(model, out_dir, calib_windows, calib_len, remove_fraction)
+    _sensitivity(model, out_dir, calib_windows, calib_len, sensitivity, bits, group_size)
+
+
+def _attention(model: str, out_dir: Path, calib_windows: int, calib_len: int) -> None:
+    from . import analyze as ana, models
+
+    m, tok, _ = models.load(model)
+    res = ana.attention(m, tok, out_dir, calib_windows, calib_len)
+    t = Table(title=f"share of attention mass within the last w tokens ({model}; high = local)")
+    t.add_column("layer", justify="right")
+    for w in res["widths"]:
+        t.add_column(f"w={w}", justify="right")
+    for i, row in enumerate(res["local_mass"]):
+        t.add_row(str(i), *[f"{v:.3f}" for v in row])
+    out.print(t)
+    out.print(f"wrote {out_dir}/attention_span.json and attention_span.png")
+
+
+def _rope(model: str, out_dir: Path, windows: int, seq_len: int | None) -> None:
+    from . import analyze as ana, models
+
+    _check("windows", windows, 1)
+    _check("seq-len", seq_len, 2)
+    longest = getattr(models.load_config(model), "max_position_embeddings", None) or 8192
+    if seq_len is not None and seq_len > longest:
+        raise PocketError(f"--seq-len {seq_len} is longer than the model's context ({longest} tokens); "
+                          f"use at most {longest}")
+    m, tok, _ = models.load(model)
+    res = ana.rope(m, tok, out_dir, windows, seq_len or min(longest, 8192))
+    t = Table(title=f"RoPE base {res['rope_theta']:g} at head dim {res['head_dim']}: supports "
+                    f"{res['supported_context']:,} tokens (trained on {res['trained_context'] or '?'})")
+    t.add_column("context")
+    t.add_column("smallest base that supports it", justify="right")
+    for n, b in res["base_needed"].items():
+        t.add_row(f"{int(n):,}", f"{b:.2g}")
+    out.print(t)
+    bp = res["by_position"]
+    t = Table(title=f"perplexity by position, {bp['windows']} x {bp['seq_len']} tokens of {bp['corpus']}")
+    t.add_column("positions from", justify="right")
+    t.add_column("perplexity", justify="right")
+    for start, v in zip(bp["bucket_start"], bp["bucket_ppl"]):
+        t.add_row(f"{start:,}", f"{v:.3f}")
+    out.print(t)
+    out.print(f"wrote {out_dir}/rope.json and rope_by_position.png")
+
+
+def _layers(model: str, out_dir: Path, calib_windows: int, calib_len: int, remove_fraction: float) -> None:
+    from . import analyze as ana, models
+
+    if not 0 < remove_fraction < 1:
+        raise PocketError("--remove-fraction must lie between 0 and 1")
+    m, tok, _ = models.load(model)
+    res = ana.layers(m, tok, out_dir, calib_windows, calib_len, remove_fraction)
+    t = Table(title=f"Block Influence of {model}'s layers (1 - mean cos(in, out); low = removable)")
+    t.add_column("layer", justify="right")
+    t.add_column("BI", justify="right")
+    t.add_column("ShortGPT removes", justify="center")
+    for i, v in enumerate(res["block_influence"]):
+        t.add_row(str(i), f"{v:.4f}", "x" if i in res["lowest"] else "")
+    out.print(t)
+    out.print(f"wrote {out_dir}/block_influence.json and block_influence.png")
+
+
+def _sensitivity(model: str, out_dir: Path, calib_windows: int, calib_len: int, sensitivity: str, bits: str,
+                 group_size: int) -> None:
+    from . import analyze as ana, models
 
     if sensitivity not in ("attention", "hessian", "trace"):
         raise PocketError(f"unknown --sensitivity '{sensitivity}'; use attention, hessian or trace")

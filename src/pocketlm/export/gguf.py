@@ -160,33 +160,11 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
             types[gname] = "F32"
             continue
         want = embed_type if gname == "token_embd.weight" or gname == "output.weight" else linear_type
-        rec = quant.get(lin)
-        if rec is not None and hasattr(rec, "type"):  # a GGML type: the quantizer's own bytes
-            w.add_tensor(gname, rows(torch.from_numpy(rec.weight.data)).numpy(),
-                         raw_dtype=gguf.GGMLQuantizationType[rec.type])
-            types[gname] = rec.type
-            continue
-        if rec is not None:
-            fmt = format_for(rec.spec)
-            if fmt is None:
-                raise PocketError(f"{lin} is quantized as {rec.spec.label()}, which no GGUF block type holds; "
-                                  f"quantize with a GGML type instead (format: gguf-q4_k, gguf-iq4_nl, ...)")
-            qw = rec.to_quantized(t)
-            data = pack(rows(qw.codes), rows(qw.scales), rows(qw.zeros), fmt)
-        elif want in TYPES and fallback(want, t.shape[1]) != "F16":
-            got = fallback(want, t.shape[1])
-            _, gw, _, _ = quantize_matrix(rows(t), got)
-            w.add_tensor(gname, gw.data, raw_dtype=gguf.GGMLQuantizationType[got])
-            types[gname] = got
-            continue
-        else:
-            want = want if want in FLOAT_TYPES else "F16"
-            data = rows(t).numpy().astype(np.float16 if want == "F16" else np.float32)
+        data, types[gname] = _encode(lin, t, quant.get(lin), want, rows)
+        if types[gname] in FLOAT_TYPES:
             w.add_tensor(gname, data)
-            types[gname] = want
-            continue
-        w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[fmt.name])
-        types[gname] = fmt.name
+        else:
+            w.add_tensor(gname, data, raw_dtype=gguf.GGMLQuantizationType[types[gname]])
     counts = {k: list(types.values()).count(k) for k in set(types.values())}
     main = max((k for k in counts if k not in FLOAT_TYPES), key=counts.get, default="F16")
     w.add_file_type(FILE_TYPES[main])
@@ -196,6 +174,27 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     w.write_tensors_to_file()
     w.close()
     return types
+
+
+def _encode(lin: str, t: torch.Tensor, rec, want: str, rows) -> tuple[np.ndarray, str]:
+    """The bytes and GGML type of one matrix: a GGML record's own bytes; a pocketlm grid's codes
+    packed into the block type that holds them; else ``want`` (RTN here onto a block type, or a
+    float type). ``rows`` reorders rows as llama.cpp expects (RoPE permutation of q/k)."""
+    if rec is not None and hasattr(rec, "type"):  # a GGML type: the quantizer's own bytes
+        return rows(torch.from_numpy(rec.weight.data)).numpy(), rec.type
+    if rec is not None:
+        fmt = format_for(rec.spec)
+        if fmt is None:
+            raise PocketError(f"{lin} is quantized as {rec.spec.label()}, which no GGUF block type holds; "
+                              f"quantize with a GGML type instead (format: gguf-q4_k, gguf-iq4_nl, ...)")
+        qw = rec.to_quantized(t)
+        return pack(rows(qw.codes), rows(qw.scales), rows(qw.zeros), fmt), fmt.name
+    if want in TYPES and fallback(want, t.shape[1]) != "F16":
+        got = fallback(want, t.shape[1])
+        _, gw, _, _ = quantize_matrix(rows(t), got)
+        return gw.data, got
+    want = want if want in FLOAT_TYPES else "F16"
+    return rows(t).numpy().astype(np.float16 if want == "F16" else np.float32), want
 
 
 def tensor_name(model, hf_name: str) -> str:

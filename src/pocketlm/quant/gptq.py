@@ -48,6 +48,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     like any rounding error. ``round_col(j, w)``, if given, is the grid: it rounds column j
     (original order) of values w to the grid fixed up front (a GGML type's blocks); the
     returned QuantizedWeight is then None.
+
+    Longer than 60 lines on purpose: the lazy-batch column sweep (Frantar et al., 2023,
+    Algorithm 1) with its grid bookkeeping reads best in one piece, next to the paper.
     """
     W = W.detach().clone().float()
     H = H.detach().clone().float()
