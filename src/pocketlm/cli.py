@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from .cli_analyze import analyze_cmd
+from .cli_fit import fit_cmd
 from .cli_report import report_cmd
 from .cli_common import _bytes, _check, _fmt, _local_inputs, out
 from .errors import PocketError, printable
@@ -21,6 +22,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
                   help="Compress a Hugging Face causal LM into the best model that fits a device.")
 app.command("analyze")(analyze_cmd)
 app.command("report")(report_cmd)
+app.command("fit")(fit_cmd)
 
 
 @app.command()

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fsutil import atomic_file
-from .page import build
+from .page import build, fit_page
 from .runs import Anchors, Run
 
-__all__ = ["write", "write_runs", "Run", "Anchors", "build"]
+__all__ = ["write", "write_runs", "Run", "Anchors", "build", "fit_page"]
 
 
 def write(dirs: list[str | Path], out: str | Path, anchors: str | Path | None = None, overwrite: bool = False) -> Path:

@@ -138,3 +138,44 @@ def build(runs: list[Run], anchors: Anchors) -> str:
     for r in runs:
         details(page, r)
     return page.html("pocketlm report: " + ", ".join(r.label for r in runs))
+
+
+def fit_page(fit: dict, anchors: Anchors) -> str:
+    """The page of a ``pocketlm fit`` run: the budget and what it became, every candidate
+    (predicted, measured or skipped, and why), the chosen file measured again, and the
+    candidates' KL against size beside other tools' files."""
+    page = Page()
+    b, mach = fit["budget"], fit["machine"]
+    asked = ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in b.items() if v is not None and k != "ctx")
+    page.add(f"<h1>pocketlm fit: {html.escape(str(fit['model']))}</h1>")
+    page.add(f"<p class=meta>Budget: {asked} (context {_fmt(b['ctx'])} tokens). Chosen: <b>"
+             f"{html.escape(fit['chosen'])}</b>, {html.escape(fit['why'])}; search took {_fmt(fit['seconds'])} s.</p>")
+    page.add("<h2>From the budget to a file size</h2>")
+    page.add(_table(["budget", "largest file it allows (bytes)"], [[k, v] for k, v in fit["limits"].items()]))
+    page.add(f"<p class=note>Measured on a probe file (every linear Q8_0, {_fmt(mach['probe'].get('bytes'))} bytes) "
+             f"in llama.cpp here: GGUF metadata {_fmt(mach['metadata_bytes'])} B, KV cache at the context "
+             f"{_fmt(mach['kv_bytes'])} B, runtime memory beyond file and cache {_fmt(mach['overhead_bytes'])} B, "
+             f"decode {_fmt(mach['probe'].get('tg_tok_s'))} tok/s (speed taken as proportional to 1 / file bytes)."
+             "</p>")
+    rows = []
+    for c in fit["candidates"]:
+        m, p = c.get("measured") or {}, c["predicted"]
+        rows.append([c["name"], m.get("layers"), p.get("file_bytes"), p.get("ram_bytes"), p.get("decode_tok_s"),
+                     m.get("file_bytes"), m.get("kl"), m.get("ppl"), m.get("top1"), m.get("compress_s"),
+                     c.get("skipped") or ("chosen" if c["name"] == fit["chosen"] else "measured")])
+    page.add("<h2>Candidates</h2>")
+    page.add(_table(["candidate", "layers", "predicted file B", "predicted RAM B", "predicted decode tok/s",
+                     "file B", "KL", "perplexity", "top-1", "compress s", "outcome"], rows))
+    again = fit["chosen_measured_again"]
+    page.add("<h2>The chosen file, measured again</h2>")
+    page.add(_table(["file bytes", "peak RSS MiB", "KV cache MiB", "prefill tok/s", "decode tok/s", "budgets met"],
+                    [[again.get("bytes"), again.get("peak_rss_mib"), again.get("kv_cache_mib"), again.get("pp_tok_s"),
+                      again.get("tg_tok_s"), ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in fit["meets"].items())]]))
+    pts = [{"label": c["name"], "bytes": c["measured"]["file_bytes"], "kl": c["measured"]["kl"],
+            "ppl": c["measured"]["ppl"], "anchor": False} for c in fit["candidates"] if c.get("measured")]
+    if pts:
+        page.add("<h2>Quality against size</h2>")
+        page.chart(charts.pareto(pts + anchors.points, "Candidates: KL against file size", "KL (nats/token)", "kl"),
+                   f"Blue: the candidates; grey squares: other tools' files; KL on {fit['eval']['windows']} windows "
+                   f"of {fit['eval']['seq_len']} tokens of {fit['eval']['corpus']}.")
+    return page.html(f"pocketlm fit: {fit['model']}")
