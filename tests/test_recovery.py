@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from pocketlm import models, sparse
+from pocketlm import models, outdir, sparse
 from tests.conftest import run_cli
 
 
@@ -21,7 +21,7 @@ def test_recover_a_saved_pruned_model_end_to_end(tiny_dir, tmp_path):
     assert [s["method"] for s in man["stages"]] == ["magnitude", "recover"]
     assert rec["loss_last"] < rec["loss_first"] and rec["plan"]["predicted_peak_bytes"] > 0
     assert man["eval"]["kl"] >= 0 and man["source"] == str(tiny_dir)
-    before, after = sparse.masks(a / sparse.FILE), sparse.masks(b / sparse.FILE)
+    before, after = sparse.masks(a / outdir.SPARSE), sparse.masks(b / outdir.SPARSE)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     m, _, _ = models.load(str(b))
     for name, keep in after.items():

@@ -14,6 +14,7 @@ from .cli_analyze import analyze_cmd
 from .cli_fit import fit_cmd
 from .cli_report import report_cmd
 from .cli_common import _bytes, _check, _fmt, _local_inputs, out
+from . import outdir
 from .errors import PocketError, printable
 from .fsutil import check_output
 from .models import DEFAULT_MODEL
@@ -99,7 +100,7 @@ def compress(
         res.eval = r.to_dict()
         del base
     path = res.save(out_dir, overwrite=overwrite)
-    man = json.loads((path / "pocketlm.json").read_text())
+    man = outdir.manifest(path)
     _summary(model, rec.name, man, time.perf_counter() - t0, path)
 
 
@@ -277,7 +278,7 @@ def recover(
     t0 = time.perf_counter()
     res = run(model_dir, stage, teacher=teacher, eval_windows=eval_windows)
     path = res.save(out_dir, overwrite=overwrite)
-    man = json.loads((path / "pocketlm.json").read_text())
+    man = outdir.manifest(path)
     _summary(model_dir, res.recipe.name, man, time.perf_counter() - t0, path, "recover")
 
 

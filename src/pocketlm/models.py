@@ -7,7 +7,6 @@ pocketlm the decoder-layer list, embedding, final norm and head of a Llama-famil
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import outdir
 from .errors import PocketError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -195,10 +195,10 @@ def load(spec: str, dtype: str | torch.dtype = "float32", device: str = "cpu"):
         raise PocketError(f"could not load the weights of {source.describe()} ({type(e).__name__}: {_said(e)}); "
                           "re-download or re-export the model") from None
     model = _plain(model) if source.kind == "gguf" else model
-    if source.kind == "dir" and (Path(source.path) / "sparse.safetensors").is_file():
+    if source.kind == "dir" and (Path(source.path) / outdir.SPARSE).is_file():
         from . import sparse
 
-        sparse.restore(model, Path(source.path) / sparse.FILE)
+        sparse.restore(model, Path(source.path) / outdir.SPARSE)
     model.to(device).eval()
     return model, tokenizer, source
 
@@ -284,7 +284,7 @@ def save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, masks: dict | 
     if masks:
         from . import sparse
 
-        held = set(sparse.save(model, masks, Path(out_dir) / sparse.FILE))
+        held = set(sparse.save(model, masks, Path(out_dir) / outdir.SPARSE))
         state = {k: v for k, v in model.state_dict().items() if k not in held}
     model.save_pretrained(out_dir, state_dict=state)
     if tokenizer is not None:
@@ -393,14 +393,3 @@ def info(model: nn.Module, source: ModelSource | None = None) -> dict:
     return d
 
 
-def read_pocketlm_json(model_dir: str) -> dict | None:
-    p = Path(model_dir) / "pocketlm.json"
-    if not p.is_file():
-        return None
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise PocketError(f"{p} is damaged (not JSON); re-run the compression that wrote it") from None
-    if not isinstance(data, dict):
-        raise PocketError(f"{p} is damaged (not a JSON object); re-run the compression that wrote it")
-    return data

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, models
+from . import __version__, models, outdir
 from .context import CalibrationConfig, Context
 from .fsutil import atomic_dir
 from .recipe import Recipe, resolve as resolve_recipe
@@ -55,19 +54,19 @@ class CompressionResult:
         scales and zero points, ``pocketlm.json`` and ``report.html``; all or nothing."""
         with atomic_dir(out, overwrite=overwrite) as tmp:
             models.save(self.model, self.tokenizer, tmp, masks=self.context.masks)
-            (tmp / "recipe.yaml").write_text(self.recipe.to_yaml())
+            (tmp / outdir.RECIPE).write_text(self.recipe.to_yaml())
             if self.context.quant:
                 tensors = {}
                 for n, r in self.context.quant.items():
                     tensors.update(r.saved_tensors(n))
-                save_file(tensors, str(tmp / "quantization.safetensors"))
+                save_file(tensors, str(tmp / outdir.QUANT))
             man = self.manifest()
             man["exports"] = self._exports(tmp)
             man["bytes_on_disk"] = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-            (tmp / "pocketlm.json").write_text(json.dumps(man, indent=2))
+            outdir.write_manifest(tmp, man)
             from . import report  # matplotlib: imported only when a result is written
 
-            (tmp / "report.html").write_text(report.build([report.Run.load(tmp, Path(out).name)], report.Anchors()),
+            (tmp / outdir.REPORT).write_text(report.build([report.Run.load(tmp, Path(out).name)], report.Anchors()),
                                              encoding="utf-8")
         return Path(out)
 

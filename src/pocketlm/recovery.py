@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import models, sparse
+from . import models, outdir, sparse
 from .context import CalibrationConfig, Context
 from .errors import PocketError
 from .export.saved import quant_records
@@ -16,10 +16,10 @@ from .recipe import from_dict, from_yaml
 
 def load_compressed(model_dir: str | Path) -> tuple[dict, object]:
     """(pocketlm.json, the recipe that made it) of a pocketlm output directory."""
-    man = models.read_pocketlm_json(str(model_dir))
+    man = outdir.manifest(model_dir)
     if man is None:
         raise PocketError(f"{model_dir} is not a pocketlm output (no pocketlm.json); compress a model first")
-    rec_file = Path(model_dir) / "recipe.yaml"
+    rec_file = Path(model_dir) / outdir.RECIPE
     recipe = from_yaml(rec_file) if rec_file.is_file() else from_dict({"name": "unknown", "stages": []})
     return man, recipe
 
@@ -40,7 +40,7 @@ def recover(model_dir: str, stage, teacher: str | None = None, eval_windows: int
     student, tok, _ = models.load(model_dir)
     ctx = Context(model=student, tokenizer=tok)
     ctx.quant = quant_records(model_dir)
-    mask_file = Path(model_dir) / sparse.FILE
+    mask_file = Path(model_dir) / outdir.SPARSE
     ctx.masks = sparse.masks(mask_file) if mask_file.is_file() else {}
     calib = man.get("calibration") or {}
     ctx.calibration = CalibrationConfig(text=calib.get("text") or CalibrationConfig().text)

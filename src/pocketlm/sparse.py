@@ -13,7 +13,6 @@ from torch import nn
 
 from .errors import PocketError
 
-FILE = "sparse.safetensors"
 
 
 def pack(weight: torch.Tensor, keep: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,15 +8,15 @@ from safetensors.torch import load_file
 
 from ..context import QuantRecord
 from ..errors import PocketError
-from ..models import read_pocketlm_json
+from ..outdir import QUANT, manifest
 
 
 def quant_records(model_dir: str | Path) -> dict[str, QuantRecord]:
     """{linear: record} of a pocketlm output directory ({} for any other model)."""
-    man = read_pocketlm_json(str(model_dir))
+    man = manifest(model_dir)
     if not man or not man.get("linears"):
         return {}
-    path = Path(model_dir) / "quantization.safetensors"
+    path = Path(model_dir) / QUANT
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -32,6 +32,6 @@ def quant_records(model_dir: str | Path) -> dict[str, QuantRecord]:
 
 def source_gguf(model_dir: str | Path) -> str | None:
     """The GGUF file a pocketlm output was made from, if it still exists (its tokenizer is reused)."""
-    man = read_pocketlm_json(str(model_dir)) or {}
+    man = manifest(model_dir) or {}
     src = man.get("source") or ""
     return src if src.endswith(".gguf") and Path(src).is_file() else None

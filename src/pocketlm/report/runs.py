@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PocketError
-from ..models import read_pocketlm_json
+from ..outdir import manifest
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -24,7 +24,7 @@ class Run:
     @classmethod
     def load(cls, path: str | Path, label: str | None = None) -> "Run":
         p = Path(path)
-        man = read_pocketlm_json(str(p)) if p.is_dir() else None
+        man = manifest(p) if p.is_dir() else None
         if man is None:
             raise PocketError(f"{path} is not a pocketlm output directory (no pocketlm.json); "
                               "pass the --out folder of pocketlm compress or recover")
