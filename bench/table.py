@@ -14,6 +14,7 @@ or compare two of its configurations window by window.
     python bench/table.py gptq --rows A,B,...  # only these configurations, in this order
     python bench/table.py prune --rebuild      # each pruner against its LLM-Barber rebuild, paired over windows
     python bench/table.py prune --layers       # ShortGPT's layers against random and last layers
+    python bench/table.py fit                  # pocketlm fit against the other tools' files within its budget
     python bench/table.py rope                 # the RoPE-base bound: the paper's rows, then each model's
     python bench/table.py zeroshot             # HellaSwag acc / acc_norm, paired against the float model
     python bench/table.py engine_memory        # the layer-wise engine's memory
@@ -77,6 +78,8 @@ def main(name: str, only: list[str] | None = None) -> None:
         return zeroshot_table(rows)
     if name == "rope":
         return rope_table(rows)
+    if name == "fit":
+        return fit_table(rows)
     cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
@@ -134,6 +137,28 @@ def prune_layers(rows: list[dict]) -> None:
         print(f"| {len(gone)} of {len(gone) + s['layers']} | {s['ppl']:.4g}, KL {s['kl']:.3g}, "
               f"layers {', '.join(map(str, gone))} | {' / '.join(f'{v:.4g}' for v in rnd)}"
               f"{f' ({geo:.3g})' if geo else ''} | {last} |")
+
+
+def fit_table(rows: list[dict]) -> None:
+    """pocketlm fit: the chosen file against every other tool's file within the budget, then
+    the candidates it measured or skipped, and the search's cost."""
+    for r in rows:
+        print(f"Budget {r['budget_bytes'] / 1e6:.0f} MB: chose **{r['chosen']}**, {r['file_bytes'] / 1e6:.2f} MB, "
+              f"KL {r['kl']:.4f}, perplexity {r['ppl']:.3f} ({r['windows']} windows); search {r['seconds']:.0f} s "
+              f"= {r['seconds'] / r['one_aptq_s']:.1f}x one APTQ compression and its evaluation "
+              f"({r['one_aptq_s']:.0f} s).\n")
+        print("| other tool's file within the budget | MB | KL | fit's file KL |")
+        print("| --- | --- | --- | --- |")
+        for o in sorted(r["others_within_budget"], key=lambda o: o["bytes"]):
+            print(f"| {o['config']} | {o['bytes'] / 1e6:.2f} | {o['kl']:.4f} | {r['kl']:.4f} |")
+        print("\n| candidate | layers | MB | KL | perplexity | compress s | eval s | outcome |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for c in r["candidates"]:
+            mb = f"{c['file_bytes'] / 1e6:.2f}" if c.get("file_bytes") else "–"
+            out = c.get("skipped") or ("chosen" if c["name"] == r["chosen"] else "measured")
+            print(f"| {c['name']} | {c.get('layers') or '–'} | {mb} | {cell('kl', c.get('kl'))} | "
+                  f"{cell('ppl', c.get('ppl'))} | {cell('x', c.get('compress_s'))} | {cell('x', c.get('eval_s'))} | "
+                  f"{out} |")
 
 
 def rope_table(rows: list[dict]) -> None:
