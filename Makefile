@@ -13,7 +13,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 endif
 export LLAMA_CMAKE_ARGS
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 # Gemma-3-270M: the llama.cpp + imatrix files and pocketlm's at their bytes (8 windows: its 262k-token
 # vocabulary makes the float model's log-probabilities 17 GB of scratch space per 8 windows)
@@ -43,6 +43,9 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install  # the tests without the real model, llama.cpp or training: for development, under a minute
+	$(PY) -m pytest -q -m "not slow"
 
 bench: install  # several hours on 2 CPU cores; each script also runs alone (see README)
 	$(PIP) install -q -e ".[bench]"

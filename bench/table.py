@@ -143,10 +143,12 @@ def fit_table(rows: list[dict]) -> None:
     """pocketlm fit: the chosen file against every other tool's file within the budget, then
     the candidates it measured or skipped, and the search's cost."""
     for r in rows:
-        print(f"Budget {r['budget_bytes'] / 1e6:.0f} MB: chose **{r['chosen']}**, {r['file_bytes'] / 1e6:.2f} MB, "
-              f"KL {r['kl']:.4f}, perplexity {r['ppl']:.3f} ({r['windows']} windows); search {r['seconds']:.0f} s "
-              f"= {r['seconds'] / r['one_aptq_s']:.1f}x one APTQ compression and its evaluation "
-              f"({r['one_aptq_s']:.0f} s).\n")
+        print("| budget MB | chosen | MB | KL | perplexity | search s | one APTQ + evaluation s | lower KL than every "
+              "other tool's file within the budget |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        print(f"| {r['budget_bytes'] / 1e6:.0f} | {r['chosen']} | {r['file_bytes'] / 1e6:.2f} | {r['kl']:.4f} | "
+              f"{r['ppl']:.3f} | {r['seconds']:.0f} | {r['one_aptq_s']:.0f} ({r['seconds'] / r['one_aptq_s']:.1f}x) | "
+              f"{'yes' if r['beats_all_others'] else 'no'} |\n")
         print("| other tool's file within the budget | MB | KL | fit's file KL |")
         print("| --- | --- | --- | --- |")
         for o in sorted(r["others_within_budget"], key=lambda o: o["bytes"]):
