@@ -130,3 +130,10 @@ def random_windows(n: int = 4, L: int = 64, seed: int = 0, vocab: int = 49152) -
 def nm_ok(w: torch.Tensor, n: int, m: int) -> bool:
     """Whether every group of ``m`` consecutive inputs of each row keeps at most ``n`` weights."""
     return bool(((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all())
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that load the real model (the ``smol`` or ``tokenizer`` fixture) are slow too."""
+    for item in items:
+        if {"smol", "tokenizer"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -2,19 +2,18 @@ import itertools
 import random
 
 import pytest
-import torch
 
 from pocketlm import PocketError
 from pocketlm.quant.allocate import allocate
 
 
 def brute_force(options, budget):
-    best, best_cost = None, float("inf")
+    best_cost = float("inf")
     for plan in itertools.product(*[range(len(o)) for o in options]):
         bits = sum(options[k][j][0] for k, j in enumerate(plan))
         cost = sum(options[k][j][1] for k, j in enumerate(plan))
         if bits <= budget and cost < best_cost:
-            best, best_cost = plan, cost
+            best_cost = cost
     return best_cost
 
 

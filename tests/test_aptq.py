@@ -8,6 +8,8 @@ from pocketlm.quant.aptq import APTQ
 from pocketlm.quant.sensitivity import layer_curvature
 from tests.conftest import make_tiny
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 
 def test_too_small_budget_fails_with_a_clear_message():
     model = make_tiny(layers=2)

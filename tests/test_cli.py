@@ -14,6 +14,8 @@ import torch
 
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 RECIPES = {
     "esc.yaml": "stages:\n  - method: rtn\n    format: gguf-q8_0\nexport:\n  - {format: gguf, path: ../victim.txt}\n",
     "abs.yaml": "stages:\n  - method: rtn\n    format: gguf-q8_0\nexport:\n  - {format: gguf, path: /tmp/x.gguf}\n",

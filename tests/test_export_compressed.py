@@ -10,6 +10,8 @@ from pocketlm.export import compressed as C
 from pocketlm.export import run_export
 from tests.conftest import make_tiny
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 IDS = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(3))
 
 

@@ -14,6 +14,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 from tests.conftest import make_tiny
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 
 def _gguf_tensors(path):
     return {t.name: t for t in GGUFReader(str(path)).tensors}

@@ -8,6 +8,8 @@ from pocketlm import fit
 from pocketlm.errors import PocketError
 from tests.conftest import run_cli
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 
 def test_every_budget_becomes_a_file_limit_and_the_tightest_wins():
     m = fit.Machine(metadata_bytes=1000, decode_k=200.0 * 100_000, kv_bytes=30_000, overhead_bytes=50_000)

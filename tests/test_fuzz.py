@@ -16,6 +16,8 @@ from pocketlm.methods import load_builtin_methods
 from pocketlm.stages import REGISTRY
 from tests.conftest import FUZZ_COUNTS, make_tiny, make_tiny_tokenizer, run_cli
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 FUZZ = settings(deadline=None, derandomize=not os.environ.get("POCKETLM_FUZZ_RANDOM"), database=None, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 

@@ -1,4 +1,5 @@
 """The importance matrix and the imatrix stage (importance-weighted RTN onto GGML types)."""
+import pytest
 import torch
 
 from pocketlm import compress
@@ -30,6 +31,7 @@ def test_imatrix_is_the_mean_square_of_each_input():
     assert torch.allclose(proc.head, head.pow(2).mean(0), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_imatrix_stage_beats_plain_rtn_on_the_linears_outputs():
     """Summed over the linears, ||(W - Q) x||^2 on the calibration inputs (of the float model:
     one-pass statistics) is lower with the importance-weighted scales than with plain ones."""

@@ -13,6 +13,8 @@ from pocketlm.measure import evaluate_windows
 from pocketlm.runtime.llamacpp import LlamaCppScorer, load
 from tests.conftest import make_tiny
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 WINDOWS = torch.randint(0, 49152, (2, 48), generator=torch.Generator().manual_seed(5))
 
 

@@ -61,6 +61,7 @@ def test_bad_model_specs_give_clear_errors(tmp_path):
         models.resolve(str(tmp_path / "empty"))
 
 
+@pytest.mark.slow
 def test_cli_error_is_one_line_without_trace(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pocketlm.cli", "info", str(tmp_path / "nope.gguf")],
                        capture_output=True, text=True)

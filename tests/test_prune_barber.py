@@ -8,6 +8,8 @@ from pocketlm.prune.barber import rebuild_flat, rebuild_nm, rebuild_rows
 from pocketlm.prune.masks import parse_target, select
 from tests.conftest import make_tiny, random_windows
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 
 def test_rebuild_swaps_keep_counts_and_patterns():
     g = torch.Generator().manual_seed(3)

@@ -41,6 +41,7 @@ def test_overrides_give_linears_their_own_target():
     assert ((lin["model.layers.0.mlp.up_proj"].weight == 0).sum(1) == 32).all()
 
 
+@pytest.mark.slow
 def test_nm_pattern_holds_after_pruning_rebuild_and_gptq():
     m = make_tiny(layers=2)
     res = compress(m, {"stages": [{"method": "sparsegpt", "pattern": "2:4"},

@@ -43,6 +43,7 @@ def test_block_influence_picks_the_layer_that_changes_least(tokenizer):
     assert min(rep["block_influence"]) == rep["block_influence"][1]
 
 
+@pytest.mark.slow
 def test_cli_analyze_layers_writes_block_influence(tmp_path):
     import json
     import subprocess

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from pocketlm import PocketError, compress, models, pipeline
+from pocketlm import PocketError, compress, models
 from pocketlm.recipe import from_dict, from_yaml, preset, preset_names
 from tests.conftest import make_tiny
 

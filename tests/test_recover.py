@@ -12,6 +12,8 @@ from pocketlm.recover import distill
 from pocketlm.recover.trainable import attach
 from pocketlm.models import layer_linears
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 TEXT = "the quick brown fox jumps over the lazy dog; a model of words, " * 300
 
 

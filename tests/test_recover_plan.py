@@ -9,6 +9,8 @@ import pytest
 from pocketlm.errors import PocketError
 from pocketlm.recover.plan import LayerProfile, Profile, make_plan
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 MiB = 2**20
 
 

@@ -5,6 +5,9 @@ import torch
 
 from pocketlm import models, outdir, sparse
 from tests.conftest import run_cli
+import pytest
+
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
 
 
 def test_recover_a_saved_pruned_model_end_to_end(tiny_dir, tmp_path):

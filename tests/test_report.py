@@ -16,6 +16,8 @@ from pocketlm.measure import perplexity
 from pocketlm.report.charts import front_of
 from tests.conftest import make_tiny, make_tiny_tokenizer, run_cli
 
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
+
 ARTIFACTS = Path(os.environ.get("POCKETLM_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
 

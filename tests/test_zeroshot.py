@@ -1,10 +1,11 @@
 """HellaSwag zero-shot scoring (lm-eval's protocol) in PyTorch and llama.cpp."""
 import pytest
-import torch
 
 from pocketlm import zeroshot
 from pocketlm.export import gguf as G
 from tests.conftest import make_tiny
+
+pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
 
 
 def test_bundled_hellaswag_parses_as_published():
