@@ -18,7 +18,7 @@ def fit_cmd(
     ram: Optional[str] = typer.Option(None, help="largest RAM while running at --ctx (file, KV cache, runtime)"),
     min_decode: Optional[float] = typer.Option(None, help="slowest acceptable decode speed, tokens/s on this machine"),
     ctx: int = typer.Option(4096, help="context the RAM budget is for"),
-    layers: str = typer.Option("0,1,2", help="candidates: numbers of lowest-Block-Influence layers removed first"),
+    layers: str = typer.Option("0,1", help="candidates: numbers of lowest-Block-Influence layers removed first"),
     windows: int = typer.Option(4, help="WikiText-2 windows each candidate is scored on"),
     calib_windows: int = typer.Option(16, help="calibration windows"),
     calib_len: int = typer.Option(2048, help="tokens per calibration window"),

@@ -152,7 +152,7 @@ def measure(c: Candidate, model, tok, src, windows, ref, calibration, folder: Pa
 
 
 def run(model_spec: str, budget: Budget, out: Path, windows: int = 4, seq_len: int = 2048,
-        calib_windows: int = 16, calib_len: int = 2048, layers: tuple[int, ...] = (0, 1, 2), threads: int = 2,
+        calib_windows: int = 16, calib_len: int = 2048, layers: tuple[int, ...] = (0, 1), threads: int = 2,
         overwrite: bool = False, anchors=None, reference: Path | None = None) -> dict:
     """Search, measure and write ``out`` (model.gguf, fit.json, report.html). ``reference``: a
     file for the float model's log-probabilities on the evaluation windows, kept and reused
