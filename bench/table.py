@@ -230,8 +230,9 @@ def recover_table(rows: list[dict]) -> None:
     rows = [r for r in rows if not r["config"].startswith(("memory-", "sweep-"))]
     if not rows:
         raise SystemExit("no recovery results yet: run bench/bench_recover.py")
-    print("| config | layers | sparsity | trained tokens | train s | perplexity | KL | top-1 | structure after save |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| config | layers | KV heads | sparsity | trained tokens | train s | perplexity | KL | top-1 | "
+          "structure after save |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         st = _recover_stage(r)
         ok = "–"
@@ -242,7 +243,7 @@ def recover_table(rows: list[dict]) -> None:
                 ok += f", max {r['max_kept_per_4']} of 4 kept"
         sp = "–" if r.get("sparsity") is None else f"{r['sparsity']:.3f}"
         tokens = f"{st['tokens']:,}" if st else "–"
-        print(f"| {r['config']} | {r['layers']} | {sp} | {tokens} | "
+        print(f"| {r['config']} | {r['layers']} | {r.get('kv_heads', '–')} | {sp} | {tokens} | "
               f"{st.get('seconds_training', '–')} | {r['ppl']:.3f} | {r['kl']:.4f} | {r['top1']:.4f} | {ok} |")
     print(f"\nFloat model: perplexity {rows[0]['base_ppl']:.3f} on the same {rows[0]['windows']} windows.")
 
