@@ -1,3 +1,4 @@
+"""The layer-wise calibration engine (calibrate.py): each linear sees the inputs of a full forward."""
 import torch
 from torch import nn
 
