@@ -100,8 +100,15 @@ def test_k_and_iq_types_read_back_by_llama_cpp_exactly(tmp_path, tokenizer, fmt)
     types = G.write(m, tokenizer, tmp_path / "e.gguf", {"model.embed_tokens": GGMLRecord("rtn", gw)},
                     linear_type="F32", embed_type="F32")
     assert types["token_embd.weight"] == fmt.upper()
-    r = _torch_vs_cpp(m, tmp_path / "e.gguf")
-    assert r.kl < 1e-5 and r.top1 == 1.0
+    from pocketlm.measure import TorchScorer
+
+    assert _torch_vs_cpp(m, tmp_path / "e.gguf").kl < 1e-5
+    cpp = _logprobs(LlamaCppScorer(tmp_path / "e.gguf", n_ctx=64, threads=2))
+    ours = _logprobs(TorchScorer(m))
+    # every log-probability within llama.cpp's float rounding (a misread block would be off by
+    # far more), not the argmax: this tiny model's predictions are near-uniform, and top-1
+    # agreement would hinge on near-ties that the summation order can flip
+    assert float((cpp - ours).abs().max()) < 0.02
 
 
 @pytest.mark.parametrize("fmt", ["q2_k", "q4_k", "q6_k", "iq4_xs"])
