@@ -42,15 +42,12 @@ def one(name: str, limit: int) -> None:
     else:
         from pocketlm.export import export_model
 
-        model, tok, _ = models.load("smollm2-135m")
-        if name == "float-f16-gguf":
-            path = DIR / "pocketlm-f16.gguf"
-            if not path.is_file():
-                export_model(model, tok, {}, "gguf", path, "F16", "F16",
-                             source_gguf=models.resolve("smollm2-135m").describe())
-        else:
-            path = DIR / name.removeprefix("gguf:")
-        del model
+        src = models.resolve("smollm2-135m")
+        tok = models.load_tokenizer(src)  # the model itself only when the F16 file must be written
+        path = DIR / ("pocketlm-f16.gguf" if name == "float-f16-gguf" else name.removeprefix("gguf:"))
+        if name == "float-f16-gguf" and not path.is_file():
+            model, tok, _ = models.load("smollm2-135m")
+            export_model(model, tok, {}, "gguf", path, "F16", "F16", source_gguf=src.describe())
         scorer = zeroshot.LlamaCppChoices(path, threads=torch.get_num_threads(), n_ctx=512)
         runtime = f"llama.cpp {path.name}"
     r = zeroshot.evaluate(scorer, tok, tasks)

@@ -66,8 +66,8 @@ class CompressionResult:
             outdir.write_manifest(tmp, man)
             from . import report  # matplotlib: imported only when a result is written
 
-            (tmp / outdir.REPORT).write_text(report.build([report.Run.load(tmp, Path(out).name)], report.Anchors()),
-                                             encoding="utf-8")
+            run = report.Run(Path(out).name, tmp, man, self.model.config.num_hidden_layers)
+            (tmp / outdir.REPORT).write_text(report.build([run], report.Anchors()), encoding="utf-8")
         return Path(out)
 
     def _exports(self, tmp: Path) -> dict:

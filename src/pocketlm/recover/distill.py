@@ -110,11 +110,10 @@ def train(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, groups:
     opt = make_optimizer(groups, cfg)
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
-    log = TrainLog()
     params = [p for g in groups for p in g["params"]]
     names = {id(p): n for n, p in student.named_parameters()}
     fp = cfg.fingerprint(windows)
-    start, log = _resume(cfg.state_file, fp, params, names, opt, log)
+    start, log = _resume(cfg.state_file, fp, params, names, opt)
     tokens_per_step = cfg.windows_per_step * windows.shape[1]
     memory.reset_peak()
     t0 = time.perf_counter() - log.seconds
@@ -167,18 +166,18 @@ def _backward(mb: torch.Tensor, n_tok: int, student: nn.Module, teacher: nn.Modu
     return float(loss.detach())
 
 
-def _resume(state_file: Path | None, fp: str, params, names, opt, log: "TrainLog") -> tuple[int, "TrainLog"]:
+def _resume(state_file: Path | None, fp: str, params, names, opt) -> tuple[int, "TrainLog"]:
     """The step to start from: a checkpoint written by a run with the same fingerprint restores
     the trained tensors, the optimizer and the log; otherwise step 0."""
     if state_file is None or not Path(state_file).is_file():
-        return 0, log
+        return 0, TrainLog()
     try:
         st = torch.load(state_file, weights_only=True)  # tensors and plain containers only
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         raise PocketError(f"cannot read the recovery state {state_file} ({type(e).__name__}); "
                           "delete it to start the recovery afresh") from None
     if st.get("fingerprint") != fp:
-        return 0, log
+        return 0, TrainLog()
     with torch.no_grad():
         for p in params:
             p.copy_(st["params"][names[id(p)]])
