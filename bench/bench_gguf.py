@@ -16,6 +16,9 @@ importance-weighted RTN (each layer's statistics from the quantized layers befor
 model (as llama-imatrix; the imatrix-iq4_nl preset),
 ``gptq`` GPTQ on the type's blocks with the importance-weighted scales.
 ``aptq-<MB>`` plans the types per tensor to a whole-file budget.
+``source``: the model's own GGUF file as shipped (for a model that comes quantized, e.g. Gemma-3-270M
+in Q4_K_M: the floor that re-quantizing to its own tensor types can reach, since the float weights
+every row is measured against are that file's).
 ``autoround-<PRESET>``: AutoRound's GGUF export (PyPI ``auto-round``) of the same float model on the
 same calibration token windows, with its recommended GGUF setting ``iters=0``.
 Every row: WikiText-2 (first N windows of 2048 tokens) perplexity from llama.cpp's logits, KL
@@ -44,7 +47,7 @@ CONFIGS = [*[f"llama.cpp-{p}" for p in PRESETS], *[f"gptq-like-{p}" for p in PRE
            *[f"aptq-like-{p}" for p in PRESETS],
            *[f"aptq-rtn-like-{p}" for p in PRESETS],
            *[f"llama.cpp-noimat-{p}" for p in ("Q4_0", "IQ4_NL")],
-           *[f"autoround-{p}" for p in AUTOROUND]]
+           *[f"autoround-{p}" for p in AUTOROUND], "source"]
 MODEL = os.environ.get("POCKETLM_BENCH_MODEL", "smollm2-135m")
 DEFAULT = MODEL == "smollm2-135m"
 BENCH = "gguf" if DEFAULT else f"gguf-{MODEL}"
@@ -289,6 +292,14 @@ def one(name: str, windows: int, n_calib: int) -> None:
         measure(name, path, windows, {"source": "llama.cpp", "method": "llama-quantize" + ("" if plain else
                 " --imatrix"), "type": preset, "calib_windows": 0 if plain else n_calib,
                 "imatrix_s": round(imat_s, 1), "quantize_s": round(q_s, 1)})
+    elif name == "source":
+        from pocketlm import models
+
+        src = models.resolve(MODEL)
+        if src.kind != "gguf":
+            raise SystemExit(f"{MODEL} does not come as a GGUF file; the source row needs one")
+        path = Path(src.describe())
+        measure(name, path, windows, {"source": "model", "method": "the model's own file", "type": "as shipped"})
     elif name.startswith("timing-"):
         timing(name.removeprefix("timing-"), n_calib)
     elif name.startswith("autoround-"):
