@@ -71,8 +71,9 @@ def eval_fields(r) -> dict:
 
 
 def provenance() -> dict:
-    """The commit (``-dirty`` with uncommitted changes) and the versions a result came from, as
-    they were when this process started (a long run's code is what it imported then)."""
+    """The commit (``-dirty`` with uncommitted changes to anything but the results themselves)
+    and the versions a result came from, as they were when this process started (a long run's
+    code is what it imported then)."""
     return _PROVENANCE
 
 
@@ -82,7 +83,7 @@ def _provenance() -> dict:
     here = Path(__file__).resolve().parent
     git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True).stdout.strip()  # noqa: E731
     commit = git("rev-parse", "--short", "HEAD") or None
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", "..", ":!../bench/results"):
         commit += "-dirty"
     versions = {}
     for pkg in ("pocketlm", "torch", "transformers", "gguf", "llama-cpp-python"):

@@ -18,6 +18,7 @@ or compare two of its configurations window by window.
     python bench/table.py rope                 # the RoPE-base bound: the paper's rows, then each model's
     python bench/table.py zeroshot             # HellaSwag acc / acc_norm, paired against the float model
     python bench/table.py engine_memory        # the layer-wise engine's memory
+    python bench/table.py stream               # a model larger than its memory cap, streamed vs in memory
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
     python bench/table.py --check              # exit 1 if a block of README or docs/ differs from its table
 """
@@ -80,6 +81,8 @@ def main(name: str, only: list[str] | None = None) -> None:
         return rope_table(rows)
     if name == "fit":
         return fit_table(rows)
+    if name == "stream":
+        return stream_table(rows)
     cols = COLUMNS.get(name) or COLUMNS[name.split("-", 1)[0]]
     print("| " + " | ".join(h for _, h in cols) + " |")
     print("| " + " | ".join("---" for _ in cols) + " |")
@@ -161,6 +164,22 @@ def fit_table(rows: list[dict]) -> None:
             print(f"| {c['name']} | {c.get('layers') or '–'} | {mb} | {cell('kl', c.get('kl'))} | "
                   f"{cell('ppl', c.get('ppl'))} | {cell('x', c.get('compress_s'))} | {cell('x', c.get('eval_s'))} | "
                   f"{out} |")
+
+
+def stream_table(rows: list[dict]) -> None:
+    """Streamed compression under a memory cap against the same compression in memory."""
+    print("| run | memory cap MiB | peak RSS MiB | cgroup peak MiB (page cache included) | seconds | "
+          "output equal to the in-memory run |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        eq = "–" if "equal_to_in_memory" not in r else \
+            f"{'yes' if r['equal_to_in_memory'] else 'NO'} ({r['tensors_compared']} tensors)"
+        run = r["config"] + (f" (killed after {r['killed_after_s']:.0f} s, then --resume)" if "killed_after_s" in r else "")
+        print(f"| {run} | {r.get('cap_mib', 'none')} | {r['run_peak_rss_mib']:.0f} | {cell('x', r.get('cgroup_peak_mib'))} | "
+              f"{r['seconds']:.0f} | {eq} |")
+    r = rows[0]
+    print(f"\nModel: {r['layers']} decoder layers, {r['model_bytes'] / 2**30:.2f} GiB of float32 weights; "
+          f"recipe {r['recipe']}; {r['calib_windows']} calibration windows of {r['calib_len']} tokens.")
 
 
 def rope_table(rows: list[dict]) -> None:
@@ -319,15 +338,24 @@ def swa_table(name: str = "kv") -> None:
 
 def speed(rows: list[dict]) -> None:
     """Interleaved llama-bench-style speed; each pocketlm file against llama.cpp's file of the
-    preset it copies the types of (``<method>-like-<PRESET>`` against ``llama.cpp-<PRESET>``)."""
+    preset it copies the types of (``<method>-like-<PRESET>`` against ``llama.cpp-<PRESET>``): the
+    ratio of the medians, and the median over rounds of each round's ratio (a round runs every
+    file one after the other, so its ratio is free of the machine's drift between rounds)."""
+    import statistics
+
     by = {r["config"]: r for r in rows}
+
+    def per_round(r, ref, key):
+        a, b = r.get(f"{key}_rounds"), ref.get(f"{key}_rounds")
+        return f"{statistics.median(x / y for x, y in zip(a, b)) - 1:+.1%}" if a and b and len(a) == len(b) else "–"
+
     print("| file | prefill tok/s (pp512) | decode tok/s (tg128) | against llama.cpp's file of the preset: "
-          "prefill | decode |")
-    print("| --- | --- | --- | --- | --- |")
+          "prefill | decode | per round (median): prefill | decode |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = by.get("llama.cpp-" + r["config"].split("-like-")[1]) if "-like-" in r["config"] else None
-        rel = (f"{r['pp_tok_s'] / ref['pp_tok_s'] - 1:+.1%} | {r['tg_tok_s'] / ref['tg_tok_s'] - 1:+.1%}"
-               if ref else "– | –")
+        rel = (f"{r['pp_tok_s'] / ref['pp_tok_s'] - 1:+.1%} | {r['tg_tok_s'] / ref['tg_tok_s'] - 1:+.1%} | "
+               f"{per_round(r, ref, 'pp')} | {per_round(r, ref, 'tg')}" if ref else "– | – | – | –")
         print(f"| {r['config']} | {r['pp_tok_s']:.1f} | {r['tg_tok_s']:.1f} | {rel} |")
 
 
