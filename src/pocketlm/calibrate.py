@@ -7,6 +7,8 @@ The engine captures the inputs of decoder layer 0 for every window, then for eac
 3. recomputes the layer's outputs with the transformed layer when it changed (the
    "sequential" scheme: later layers see the errors of earlier ones) and moves on.
 Only the current layer's inputs and outputs live in memory (or on disk with ``offload``).
+With a ``stream.Streamer`` the layer's weights too: it is read from the source before its
+windows run and written out (and freed) once transformed, with a journal to resume from.
 """
 from __future__ import annotations
 
@@ -117,6 +119,13 @@ class LayerProcessor:
         """Called once with the last layer's outputs (before the final norm), e.g. for statistics
         of the output head's inputs."""
 
+    def state(self) -> dict:
+        """What the processor carries from layer to layer (JSON-able), for a resumable run."""
+        return {}
+
+    def restore(self, state: dict) -> None:
+        """Take back ``state()`` when a streamed run resumes."""
+
 
 class _Stop(Exception):
     pass
@@ -168,25 +177,37 @@ def capture_inputs(adapter: ModelAdapter, windows: torch.Tensor, offload: bool =
 
 def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProcessor,
                   offload: bool = False, description: str = "layers",
-                  compute_dtype: torch.dtype | None = None) -> None:
+                  compute_dtype: torch.dtype | None = None, stream=None) -> None:
     """Drive ``windows`` (n, L) token ids through the model layer by layer (see module doc);
     ``compute_dtype`` runs the layers under autocast (bfloat16: 2-3x faster on CPUs with
     bfloat16 units; activations are kept in the model's dtype between layers).
 
     A processor that modifies layers needs one activation buffer: the observing pass discards
     its outputs, and the recomputing pass overwrites each window's input with its output.
-    A read-only processor gets the observing pass's outputs in a second buffer."""
+    A read-only processor gets the observing pass's outputs in a second buffer.
+
+    ``stream`` (a ``stream.Streamer``): the model is a skeleton; each layer is read before its
+    turn and written and freed after it, a journal kept after each; a journal of this stage
+    resumes the run at the layer after the last one written."""
     adapter = ModelAdapter(model)
     dec_prefix = _layers_prefix(model, adapter)
+    if stream is not None:
+        stream.load_resident()
     with torch.no_grad():
         inputs, kwargs = capture_inputs(adapter, windows, offload)
     n, seq_len = windows.shape
     outputs = None if processor.modifies_layer else \
         ActivationStore(n, seq_len, model.config.hidden_size, model.dtype, offload)
     n_layers = len(adapter.layers)
+    start = stream.resumes_layers() if stream is not None else 0
+    if start:
+        processor.restore(stream.resume(inputs))
     try:
         with progress.bar(description, n_layers * n) as advance:
-            for idx, layer in enumerate(adapter.layers):
+            if start:
+                advance(start * n, note=f"resumed after {start}/{n_layers}")
+            for idx in range(start, n_layers):
+                layer = adapter.layers[idx] if stream is None else stream.load(idx)
                 prefix = f"{dec_prefix}.{idx}"
                 lin = {f"{prefix}.{k}": m for k, m in layer.named_modules() if isinstance(m, nn.Linear)}
                 view = LayerView(idx, prefix, layer, lin, inputs, kwargs[idx], kwargs, compute_dtype)
@@ -214,6 +235,9 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                 else:
                     processor.after(view, outputs)
                     inputs, outputs = outputs, inputs
+                if stream is not None:
+                    stream.finish_layer(idx)
+                    stream.checkpoint(idx, inputs, processor.state())
                 advance(n, note=f"{idx + 1}/{n_layers}")
         processor.finish(adapter, inputs)
     finally:

@@ -69,6 +69,10 @@ def compress(
                                                                "(aptq, gguf): 95000000, 95MB or 90MiB"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
     device: str = typer.Option("cpu", help="where to compress: cpu, cuda or cuda:N"),
+    stream: bool = typer.Option(False, help="never hold the whole model: read each decoder layer from the "
+                                            "safetensors files when its turn comes, write it when done "
+                                            "(models larger than RAM; work files in OUT.stream-work)"),
+    resume: bool = typer.Option(False, help="with --stream: continue a stopped run from its work files"),
 ):
     """Compress MODEL with a recipe or preset and write it to --out, with pocketlm.json."""
     from . import data, models
@@ -90,10 +94,16 @@ def compress(
     data.check_text(calib_text)
     device = models.check_device(device)
     t0 = time.perf_counter()
-    m, tok, src = models.load(model, device=device)
     cal = CalibrationConfig(windows=calib_windows, seq_len=calib_len, text=calib_text, seed=seed, offload=offload)
-    res = run(m, rec, tokenizer=tok, calibration=cal, device=device)
-    res.source = src.describe()
+    if stream or resume:
+        work = _stream_work(out_dir, resume)
+        res = run(model, rec, calibration=cal, device=device, stream=work)
+        res.source = models.resolve(model).describe()
+        eval_windows = 0  # the compressed model is on disk only; `pocketlm eval OUT` scores it
+    else:
+        m, tok, src = models.load(model, device=device)
+        res = run(m, rec, tokenizer=tok, calibration=cal, device=device)
+        res.source = src.describe()
     if eval_windows > 0:
         base, _, _ = models.load(model, device=device)
         r = perplexity(res.model, tok, "wikitext2", eval_len, eval_windows, reference=base)
@@ -102,6 +112,19 @@ def compress(
     path = res.save(out_dir, overwrite=overwrite)
     man = outdir.manifest(path)
     _summary(model, rec.name, man, time.perf_counter() - t0, path)
+
+
+def _stream_work(out_dir: Path, resume: bool) -> Path:
+    """The work directory of a streamed run into ``out_dir``; a stopped run's is only taken
+    back with --resume."""
+    from .stream import JOURNAL
+
+    work = out_dir.with_name(out_dir.name + ".stream-work")
+    if resume and not (work / JOURNAL).is_file():
+        raise PocketError(f"nothing to resume: {work} holds no journal; run without --resume")
+    if not resume and work.exists():
+        raise PocketError(f"{work} holds a stopped streamed run; add --resume to continue it, or delete it")
+    return work
 
 
 def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path, command: str = "compress") -> None:
@@ -161,6 +184,8 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
     task: Optional[str] = typer.Option(None, help="instead of perplexity: zero-shot accuracy on a task (hellaswag)"),
     limit: Optional[int] = typer.Option(None, help="with --task: the first N tasks (default: all)"),
+    stream: bool = typer.Option(False, help="models larger than RAM: run the windows one decoder layer at a "
+                                            "time, each read from the safetensors files (model and reference)"),
 ):
     """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement;
     or with --task, zero-shot accuracy (acc, acc_norm and their standard errors). A GGUF file is
@@ -187,6 +212,11 @@ def eval_cmd(
         models.load_config(kl_against)  # a missing or broken reference is found before any weights load
     _check_context(model, seq_len)
     use_cpp = runtime == "llama.cpp" or (runtime == "auto" and model.endswith(".gguf"))
+    if stream:
+        if use_cpp or task is not None:
+            raise PocketError("--stream scores a transformers model's perplexity layer by layer; a GGUF file is "
+                              "already memory-mapped by llama.cpp (drop --stream), and --task does not stream")
+        return _eval_streamed(model, ppl, seq_len, windows, kl_against, models.parse_dtype(dtype), json_out)
     if use_cpp:
         from .runtime.llamacpp import LlamaCppScorer
 
@@ -207,6 +237,20 @@ def eval_cmd(
     print(json.dumps({"model": model, **d}))
     if json_out:
         _write_json(json_out, {"model": model, **d})
+
+
+def _eval_streamed(model: str, ppl: str, seq_len: int, windows: Optional[int], kl_against: Optional[str], dtype,
+                   json_out: Optional[Path]) -> None:
+    from . import models
+    from .data import eval_windows
+    from .measure import StreamedScorer, evaluate_windows
+
+    ids = eval_windows(models.load_tokenizer(models.resolve(model)), ppl, seq_len, windows)
+    ref = StreamedScorer(kl_against, ids, dtype) if kl_against else None
+    r = evaluate_windows(StreamedScorer(model, ids, dtype), ids, reference=ref, corpus=ppl).to_dict()
+    print(json.dumps({"model": model, "streamed": True, **r}))
+    if json_out:
+        _write_json(json_out, {"model": model, "streamed": True, **r})
 
 
 def _check_context(model: str, seq_len: int) -> None:

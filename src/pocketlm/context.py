@@ -127,6 +127,7 @@ class Context:
     keep_dense: bool = False  # a later stage (a mask rebuild) needs the dense weights
     pruned_by: str | None = None  # the method that chose the masks
     teacher: nn.Module | None = None  # the model before the recipe, for stages that distil from it
+    stream: object = None  # a stream.Streamer when the model is streamed layer by layer (larger than RAM)
 
     def __post_init__(self):
         self.adapter = ModelAdapter(self.model)
@@ -177,6 +178,16 @@ class Context:
 
         self.quant, self.masks, self.dense = move(self.quant), move(self.masks), move(self.dense)
 
+    def records_state(self) -> tuple[dict, dict]:
+        """The quantizer records as (summaries, tensors), as ``save`` writes them (for a journal)."""
+        tensors = {}
+        for n, r in self.quant.items():
+            tensors.update(r.saved_tensors(n))
+        return {n: r.summary() for n, r in self.quant.items()}, tensors
+
+    def restore_records(self, summaries: dict, tensors: dict) -> None:
+        self.quant = {n: QuantRecord.from_saved(s, tensors, n) for n, s in summaries.items()}
+
     def record_quant(self, name: str, qw: QuantizedWeight, method: str) -> None:
         self.quant[name] = QuantRecord(method, qw.spec, qw.scales, qw.zeros, tuple(qw.codes.shape))
 
@@ -188,9 +199,9 @@ class Context:
         qnames = {f"{n}.weight" for n in quantized_linears}
         seen, other = set(), 0
         for n, p in self.model.named_parameters():
-            if n not in qnames and p.data_ptr() not in seen:
+            if n not in qnames and id(p) not in seen:  # id: a streamed model's parameters may be on meta
                 other += p.numel()
-            seen.add(p.data_ptr())
+            seen.add(id(p))
         return other
 
     def size_report(self) -> dict:

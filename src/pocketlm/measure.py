@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import progress
+from .calibrate import ActivationStore, LayerProcessor, run_layerwise
 from .data import eval_windows
 from .models import ModelAdapter
 
@@ -122,6 +123,42 @@ class ReferenceCache:
     def window(self, i: int, ids: torch.Tensor, chunk: int):
         for c in range(0, self.arr.shape[1], chunk):
             yield torch.from_numpy(np.array(self.arr[i, c : c + chunk], copy=True))
+
+
+class StreamedScorer:
+    """Log-probabilities of a model too large to load: every window goes through one decoder
+    layer at a time, each layer read from the safetensors files and freed after (the engine's
+    streamed pass, nothing written); the last layer's outputs are kept (on disk with
+    ``offload``) and the final norm and head applied per chunk, as ``TorchScorer`` does."""
+
+    def __init__(self, spec: str, windows: torch.Tensor, dtype: torch.dtype = torch.float32,
+                 offload: bool = True, device: str = "cpu"):
+        from .stream import open_streamed
+
+        model, _, _, streamer = open_streamed(spec, None, dtype, device)
+        keep = _KeepLast(offload)
+        run_layerwise(model, windows, keep, offload=offload, description="streamed layers", stream=streamer)
+        self.hidden, self.adapter = keep.hidden, ModelAdapter(model)
+        self.device, self.dtype = device, str(dtype).replace("torch.", "")
+
+    def window(self, i: int, ids: torch.Tensor, chunk: int):
+        h = self.adapter.norm(self.hidden[i][0, :-1].to(self.device))
+        for c in range(0, h.shape[0], chunk):
+            yield logprobs(self.adapter.head, h[c : c + chunk]).cpu()
+
+
+class _KeepLast(LayerProcessor):
+    """Transforms nothing (so the engine runs each layer once per window, no observing pass);
+    keeps a copy of the last layer's outputs."""
+
+    def __init__(self, offload: bool):
+        self.offload, self.hidden = offload, None
+
+    def finish(self, adapter, hidden) -> None:
+        n, L, H = hidden._data.shape
+        self.hidden = ActivationStore(n, L, H, hidden.dtype, self.offload)
+        for i in range(n):
+            self.hidden[i] = hidden[i]
 
 
 def as_scorer(x):

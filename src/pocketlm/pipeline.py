@@ -13,6 +13,7 @@ from torch import nn
 
 from . import __version__, models, outdir
 from .context import CalibrationConfig, Context
+from .errors import PocketError
 from .fsutil import atomic_dir
 from .recipe import Recipe, resolve as resolve_recipe
 
@@ -52,8 +53,15 @@ class CompressionResult:
     def save(self, out: str | Path, overwrite: bool = False) -> Path:
         """Write the model (transformers directory, safetensors), the recipe, the quantizer's
         scales and zero points, ``pocketlm.json`` and ``report.html``; all or nothing."""
+        stream = self.context.stream
         with atomic_dir(out, overwrite=overwrite) as tmp:
-            models.save(self.model, self.tokenizer, tmp, masks=self.context.masks)
+            if stream is None:
+                models.save(self.model, self.tokenizer, tmp, masks=self.context.masks)
+            else:  # the weights are already written, shard by shard
+                self.model.config.save_pretrained(tmp)
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(tmp)
+                stream.move_weights(tmp)
             (tmp / outdir.RECIPE).write_text(self.recipe.to_yaml())
             if self.context.quant:
                 tensors = {}
@@ -68,6 +76,8 @@ class CompressionResult:
 
             run = report.Run(Path(out).name, tmp, man, self.model.config.num_hidden_layers)
             (tmp / outdir.REPORT).write_text(report.build([run], report.Anchors()), encoding="utf-8")
+        if stream is not None:
+            stream.close()
         return Path(out)
 
     def _exports(self, tmp: Path) -> dict:
@@ -89,7 +99,7 @@ class CompressionResult:
 
 def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=None,
              calibration: "CalibrationConfig | torch.Tensor | None" = None, device: str = "cpu",
-             after_stage=None) -> CompressionResult:
+             after_stage=None, stream: "str | Path | None" = None) -> CompressionResult:
     """Compress ``model`` in place with ``recipe`` (a Recipe, dict, preset name or YAML path);
     the result's ``model`` is the compressed one (a new object when a stage rewrites the
     architecture, e.g. ``sliding-window`` on a Llama model).
@@ -98,15 +108,27 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     ``calibration`` is a CalibrationConfig, or a tensor of token windows (n, L) to use as is.
     ``after_stage(result)``, if given, sees the result after every stage but the last (to
     measure a pipeline's intermediate models, e.g. a pruned model before its mask rebuild).
+    ``stream``: a work directory; the model (a spec) is then streamed layer by layer from its
+    safetensors files, never whole in memory, each stage's layers written there with a journal;
+    a work directory holding a journal resumes that run.
     """
     source = None
-    if isinstance(model, str):
+    recipe = resolve_recipe(recipe)
+    streamer = None
+    if stream is not None:
+        if not isinstance(model, str):
+            raise PocketError("a streamed run loads the model itself: pass its spec (a model directory or hub id)")
+        from .stream import open_streamed
+
+        source = model
+        model, tokenizer, _, streamer = open_streamed(model, stream, device=device)
+        _check_streamable(recipe, model)
+    elif isinstance(model, str):
         source = model
         model, tokenizer, _ = models.load(model, device=device)
-    recipe = resolve_recipe(recipe)
     for target in recipe.export:
         target.check(model.config, recipe.stages)
-    ctx = Context(model=model, tokenizer=tokenizer, device=device,
+    ctx = Context(model=model, tokenizer=tokenizer, device=device, stream=streamer,
                   keep_dense=any(s.needs_dense_weights for s in recipe.stages))
     if any(s.needs_teacher for s in recipe.stages):
         ctx.teacher = copy.deepcopy(model).requires_grad_(False)
@@ -114,15 +136,38 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         ctx.calib_windows = calibration
     elif calibration is not None:
         ctx.calibration = calibration
-    reports = []
+    reports: list[dict] = []
+    if streamer is not None:
+        streamer.records, streamer.restore_records = ctx.records_state, ctx.restore_records
+        streamer.restore_run()
+        reports = streamer.reports
     for k, stage in enumerate(recipe.stages):
+        if k < len(reports):  # finished by a stopped run this one resumes
+            continue
         ts = time.perf_counter()
         rep = stage.run(ctx) or {}
         reports.append({"method": stage.method, "seconds": round(time.perf_counter() - ts, 2), **rep})
+        if streamer is not None:
+            streamer.finish_stage()
         if after_stage is not None and k + 1 < len(recipe.stages):
             part = recipe.model_copy(update={"stages": recipe.stages[: k + 1]})
             after_stage(CompressionResult(ctx.model, tokenizer, part, ctx, _spent(reports), list(reports), source))
     return CompressionResult(ctx.model, tokenizer, recipe, ctx, _spent(reports), reports, source)
+
+
+def _check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
+    """Refuse, before any work, a recipe a streamed model cannot run (saying what memory the
+    in-memory run needs instead)."""
+    need = sum(p.numel() * p.element_size() for p in skeleton.parameters()) / 2**30
+    for s in recipe.stages:
+        why = s.stream_blocker()
+        if why:
+            raise PocketError(f"stage '{s.method}' cannot run on a streamed model: {why}; streaming runs gptq and "
+                              f"imatrix (the others need the model loaded whole, without --stream: {need:.1f} GiB "
+                              "of weights plus the method's working memory)")
+    if recipe.export:
+        raise PocketError("a streamed run writes the transformers directory only; export it afterwards with "
+                          "`pocketlm export OUT --format ...` (drop the recipe's export section)")
 
 
 def _spent(reports: list[dict]) -> float:

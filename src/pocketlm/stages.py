@@ -41,6 +41,11 @@ class Stage(BaseModel):
     #: Whether the stage needs the model as it was before the recipe (a distillation teacher).
     needs_teacher: ClassVar[bool] = False
 
+    def stream_blocker(self) -> str | None:
+        """Why this stage cannot run on a model streamed layer by layer (``--stream``), if it
+        cannot: a stage streams when all its work is one layer-by-layer pass."""
+        return "it needs the whole model in memory at once"
+
     def selects(self, name: str) -> bool:
         hit = any(fnmatch.fnmatchcase(name, p) for p in self.targets)
         return hit and not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)

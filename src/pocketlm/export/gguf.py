@@ -23,15 +23,11 @@ import numpy as np
 import torch
 
 from ..errors import PocketError
+from ..gguf_tensors import ARCHITECTURES, UNIT_OFFSET_NORMS, rope_permute as _rope_permute
 from ..models import head_dim as head_dim_of, rope_theta
 from ..quant.ggml import TYPES, fallback, quantize_matrix
 from .ggml_blocks import format_for, pack
 
-#: transformers model_type -> llama.cpp architecture, and whether q/k rows need the RoPE permutation
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                 "qwen3": ("qwen3", False), "gemma3_text": ("gemma3", False)}
-#: architectures whose RMSNorm multiplies by (1 + weight)
-UNIT_OFFSET_NORMS = ("gemma3_text",)
 FLOAT_TYPES = ("F16", "F32")
 #: general.file_type (llama_ftype) named after a file's most common tensor type
 FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12,
@@ -57,12 +53,6 @@ def check_type(t: str, allowed=(*FLOAT_TYPES, *TYPES)) -> str:
     if t not in allowed:
         raise PocketError(f"unknown GGUF type '{t}'; use one of {', '.join(allowed)}")
     return t
-
-
-def _rope_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Row order llama.cpp's llama graph expects for q/k (leading dimension = output rows)."""
-    d = rows.shape[0]
-    return rows.reshape(n_head, 2, d // n_head // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
 def _metadata(w, cfg, arch: str) -> None:

@@ -184,6 +184,12 @@ class GPTQProcessor(HessianProcessor):
         if self._want_head:
             self.head = head_importance(adapter, hidden)
 
+    def state(self) -> dict:
+        return {"losses": self.losses}
+
+    def restore(self, state: dict) -> None:
+        self.losses = dict(state["losses"])
+
     def process(self, layer: LayerView) -> None:
         extra = self.curvature(layer) if self.curvature else {}
         for name, lin in layer.linears.items():
@@ -216,6 +222,9 @@ class GPTQ(QuantStage):
 
     needs_calibration = True
 
+    def stream_blocker(self) -> str | None:
+        return None
+
     def run(self, ctx) -> dict:
         spec = self.spec()
         if self.format is not None:
@@ -226,7 +235,8 @@ class GPTQ(QuantStage):
                 return spec
         proc = GPTQProcessor(ctx, self.selects, spec_for, self.act_order, self.blocksize, self.damp,
                              head=self.embed is not None)
-        run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="gptq")
+        run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="gptq",
+                      stream=ctx.stream)
         rep = {"linears": len(proc.losses), "gptq_loss": round(sum(proc.losses.values()), 4)}
         if self.format is not None:
             if self.embed:

@@ -140,25 +140,26 @@ class Imatrix(QuantStage):
 
     needs_calibration = True
 
+    def stream_blocker(self) -> str | None:
+        if not self.sequential:
+            return "with sequential: false it quantizes every layer after the pass (use sequential: true)"
+        return None
+
     def run(self, ctx) -> dict:
         from ..calibrate import run_layerwise
         from ..stats import ImatrixProcessor
-
-        done = []
 
         def quantize(layer, imatrix):
             for name in layer.linears:
                 if self.selects(name):
                     self.quantize_ggml(ctx, name, imatrix[name])
-                    done.append(name)
 
         proc = ImatrixProcessor(self.selects, quantize if self.sequential else None, head=self.embed is not None)
         run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="imatrix",
-                      compute_dtype=torch.bfloat16 if self.calib_dtype == "bfloat16" else None)
+                      compute_dtype=torch.bfloat16 if self.calib_dtype == "bfloat16" else None, stream=ctx.stream)
         if not self.sequential:
             for name, h in proc.imatrix.items():
                 self.quantize_ggml(ctx, name, h)
-                done.append(name)
         if self.embed:
             self.quantize_ggml(ctx, EMBED, proc.head)
-        return {"linears": len(done), "types": self.type_report(ctx)}
+        return {"linears": sum(self.selects(n) for n in ctx.linears()), "types": self.type_report(ctx)}

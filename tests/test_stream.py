@@ -1,0 +1,219 @@
+"""Streaming (models larger than RAM): the output of a streamed run equals the in-memory run's bit
+for bit, only one decoder layer is ever loaded, a stopped run resumes to the same bytes, and
+what cannot stream is refused before any work."""
+import json
+
+import pytest
+import torch
+
+import pocketlm
+from pocketlm import models, stream as S
+from pocketlm.errors import PocketError
+
+from tests.conftest import make_tiny, make_tiny_tokenizer, run_cli
+
+GPTQ = {"name": "g", "stages": [{"method": "gptq", "bits": 4, "group_size": 32}]}
+TWO = {"name": "two", "stages": [
+    {"method": "gptq", "bits": 4, "group_size": 32, "targets": ["*.self_attn.*"]},
+    {"method": "imatrix", "format": "gguf-q4_0", "targets": ["*.mlp.*"]}]}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A 4-layer tiny model saved in many small safetensors shards, with its tokenizer."""
+    d = tmp_path_factory.mktemp("sharded") / "model"
+    tok = make_tiny_tokenizer()
+    make_tiny(layers=4, vocab=len(tok), tied=False).save_pretrained(d, max_shard_size="100KB")
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def _weights(path):
+    return models.load(str(path))[0].state_dict()
+
+
+def _same(a, b) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def in_memory(sharded, windows, tmp_path_factory):
+    out = {}
+    for rec in (GPTQ, TWO):
+        path = tmp_path_factory.mktemp("mem") / rec["name"]
+        pocketlm.compress(str(sharded), rec, calibration=windows).save(path)
+        out[rec["name"]] = path
+    return out
+
+
+@pytest.mark.parametrize("recipe", [GPTQ, TWO], ids=["gptq", "gptq+imatrix"])
+def test_streamed_output_equals_in_memory_bit_for_bit(sharded, windows, in_memory, recipe, tmp_path):
+    res = pocketlm.compress(str(sharded), recipe, calibration=windows, stream=tmp_path / "work")
+    res.save(tmp_path / "out")
+    assert _same(_weights(tmp_path / "out"), _weights(in_memory[recipe["name"]]))
+    mine = json.loads((tmp_path / "out" / "pocketlm.json").read_text())
+    theirs = json.loads((in_memory[recipe["name"]] / "pocketlm.json").read_text())
+    assert mine["linears"] == theirs["linears"] and mine["size"] == theirs["size"]
+    assert not (tmp_path / "work").exists()  # the work files go once the output is written
+
+
+def test_only_one_decoder_layer_is_ever_loaded(sharded, windows, tmp_path, monkeypatch):
+    seen = []
+    load = S.Streamer.load
+
+    def spy(self, idx):
+        layer = load(self, idx)
+        seen.append(sum(any(p.device.type != "meta" for p in lay.parameters()) for lay in self.layers))
+        return layer
+
+    monkeypatch.setattr(S.Streamer, "load", spy)
+    pocketlm.compress(str(sharded), TWO, calibration=windows, stream=tmp_path / "work")
+    assert seen == [1] * 8  # 4 layers x 2 stages, each alone in memory when its turn comes
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stop_at", [2, 4, 6], ids=["stage0-layer1", "stage0-last", "stage1-layer1"])
+def test_a_stopped_run_resumes_to_the_same_bytes(sharded, windows, in_memory, tmp_path, monkeypatch, stop_at):
+    """Stopped after ``stop_at`` journal entries (each layer writes one, each finished stage one),
+    the run started again with the same work directory ends with the uninterrupted output."""
+    real = S.Streamer._journal
+    count = {"n": 0}
+
+    def dying(self, *a, **k):
+        real(self, *a, **k)
+        count["n"] += 1
+        if count["n"] == stop_at:
+            raise _Stop
+
+    monkeypatch.setattr(S.Streamer, "_journal", dying)
+    with pytest.raises(_Stop):
+        pocketlm.compress(str(sharded), TWO, calibration=windows, stream=tmp_path / "work")
+    monkeypatch.setattr(S.Streamer, "_journal", real)
+    done = json.loads((tmp_path / "work" / S.JOURNAL).read_text())
+    assert (done["stage"], done["layers_done"]) == {2: (0, 2), 4: (0, 4), 6: (1, 1)}[stop_at]
+
+    loaded = []
+    load = S.Streamer.load
+    monkeypatch.setattr(S.Streamer, "load", lambda self, idx: loaded.append((self.stage, idx)) or load(self, idx))
+    res = pocketlm.compress(str(sharded), TWO, calibration=windows, stream=tmp_path / "work")
+    res.save(tmp_path / "out")
+    assert loaded[0] == {2: (0, 2), 4: (1, 0), 6: (1, 1)}[stop_at]  # work already done is not redone
+    assert _same(_weights(tmp_path / "out"), _weights(in_memory["two"]))
+    mine = json.loads((tmp_path / "out" / "pocketlm.json").read_text())
+    assert [s["method"] for s in mine["stages"]] == ["gptq", "imatrix"]
+    assert mine["linears"] == json.loads((in_memory["two"] / "pocketlm.json").read_text())["linears"]
+
+
+@pytest.mark.parametrize("recipe, says", [
+    ({"name": "w", "stages": [{"method": "wanda", "sparsity": 0.5}]}, "stage 'wanda' cannot run on a streamed"),
+    ({"name": "i", "stages": [{"method": "imatrix", "sequential": False}]}, "use sequential: true"),
+    ({"name": "e", "stages": [{"method": "gptq"}], "export": [{"format": "gguf", "type": "Q8_0"}]},
+     "export it afterwards"),
+])
+def test_what_cannot_stream_is_refused_before_any_work(sharded, windows, tmp_path, recipe, says):
+    with pytest.raises(PocketError, match=says):
+        pocketlm.compress(str(sharded), recipe, calibration=windows, stream=tmp_path / "work")
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def gguf_file(request, tmp_path_factory):
+    """A tiny model written as a Q8_0 GGUF file (llama: q/k rows permuted; Gemma 3: norms + 1)."""
+    from pocketlm.export import gguf as G
+    from tests.conftest import make_tiny_gemma3
+
+    tok = make_tiny_tokenizer()
+    m = make_tiny(layers=3, vocab=len(tok)) if request.param == "llama" else make_tiny_gemma3(vocab=len(tok))
+    path = tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf"
+    G.write(m, tok, path, None, None, "Q8_0", "Q8_0")
+    return path
+
+
+def test_gguf_source_reads_each_tensor_as_the_gguf_loader_does(gguf_file):
+    from pocketlm.gguf_tensors import GGUFSource
+
+    model = models.load(str(gguf_file))[0]
+    src = GGUFSource(str(gguf_file), model.config)
+    state = model.state_dict()
+    for name, want in state.items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            assert name not in src
+            continue
+        assert torch.equal(src.get(name), want), name
+
+
+def test_a_gguf_model_streams_to_the_in_memory_result(gguf_file, tmp_path):
+    w = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
+    mem = pocketlm.compress(str(gguf_file), GPTQ, calibration=w)
+    mem.save(tmp_path / "mem")
+    pocketlm.compress(str(gguf_file), GPTQ, calibration=w, stream=tmp_path / "work").save(tmp_path / "out")
+    assert _same(_weights(tmp_path / "out"), _weights(tmp_path / "mem"))
+
+
+def test_source_without_safetensors_is_refused(tmp_path):
+    with pytest.raises(PocketError, match="holds no safetensors weights"):
+        S.SafetensorsSource(tmp_path)
+
+
+def test_cli_stream_and_resume(sharded, in_memory, tmp_path):
+    out = tmp_path / "out"
+    args = ["compress", str(sharded), "--recipe", str(tmp_path / "r.yaml"), "--out", str(out), "--calib-windows", "2",
+            "--calib-len", "32", "--calib-text", str(tmp_path / "c.txt"), "--eval-windows", "0"]
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    (tmp_path / "r.yaml").write_text("name: g\nstages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n")
+    code, text = run_cli([*args, "--resume"])
+    assert code == 2 and "nothing to resume" in text, text
+    (tmp_path / "out.stream-work").mkdir()
+    code, text = run_cli([*args, "--stream"])
+    assert code == 2 and "add --resume to continue it" in text
+    (tmp_path / "out.stream-work").rmdir()
+    code, text = run_cli([*args, "--stream"])
+    assert code == 0, text
+    assert (out / S.INDEX).is_file() and not (tmp_path / "out.stream-work").exists()
+    assert models.load(str(out))[0].config.num_hidden_layers == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_streamed_on_cuda_equals_the_in_memory_cuda_run(sharded, windows, tmp_path):
+    res = pocketlm.compress(str(sharded), GPTQ, calibration=windows, device="cuda", stream=tmp_path / "work")
+    res.save(tmp_path / "out")
+    mem = pocketlm.compress(models.load(str(sharded), device="cuda")[0], GPTQ,
+                            tokenizer=models.load_tokenizer(models.resolve(str(sharded))), calibration=windows,
+                            device="cuda")
+    mem.save(tmp_path / "mem")
+    a, b = _weights(tmp_path / "out"), _weights(tmp_path / "mem")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_streamed_evaluation_scores_like_the_loaded_model(sharded, in_memory):
+    from pocketlm.measure import StreamedScorer, evaluate_windows
+
+    ids = torch.randint(0, 200, (3, 40), generator=torch.Generator().manual_seed(1))
+    base, quant = models.load(str(sharded))[0], models.load(str(in_memory["g"]))[0]
+    want = evaluate_windows(quant, ids, reference=base)
+    got = evaluate_windows(StreamedScorer(str(in_memory["g"]), ids), ids, reference=StreamedScorer(str(sharded), ids))
+    assert got.window_nll == pytest.approx(want.window_nll, rel=1e-5)
+    assert got.kl == pytest.approx(want.kl, rel=1e-4) and got.kl > 0
+    assert got.ref_ppl == pytest.approx(want.ref_ppl, rel=1e-5)
+
+
+def test_cli_eval_stream(sharded, tmp_path):
+    (tmp_path / "e.txt").write_text("the quick brown fox jumps over the lazy dog. " * 80)
+    code, text = run_cli(["eval", str(sharded), "--stream", "--ppl", str(tmp_path / "e.txt"), "--seq-len", "64",
+                          "--windows", "2", "--json", str(tmp_path / "r.json")])
+    assert code == 0, text
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert run_cli(["eval", str(sharded), "--ppl", str(tmp_path / "e.txt"), "--seq-len", "64", "--windows", "2",
+                    "--json", str(tmp_path / "d.json")])[0] == 0
+    direct = json.loads((tmp_path / "d.json").read_text())
+    assert r["streamed"] and r["ppl"] == pytest.approx(direct["ppl"], rel=1e-5)
+    code, text = run_cli(["eval", str(sharded), "--stream", "--task", "hellaswag", "--seq-len", "64"])
+    assert code == 2 and "--task does not stream" in text
