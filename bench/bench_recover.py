@@ -8,7 +8,8 @@ and by AdaShift (n = 10: its first step after 11 gradients) at the same learning
 
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
-(3-bit, tuned on its own grid: scales only, codes fixed), ``imatrix-iq4_nl`` (IQ4_NL, tuned
+(3-bit, tuned on its own grid: scales only, codes fixed), ``gptq-w3-g128-rounding`` (the same,
+the codes trained too through the straight-through rounding), ``imatrix-iq4_nl`` (IQ4_NL, tuned
 on its block scales, exported and scored in llama.cpp too), ``kv1-aligned`` (3 KV heads merged into
 1 after alignment); each reports the compressed model (``NAME``, measured before recovery, in
 the same run) and the recovered one (``NAME+recover``), and checks that the structure survived
@@ -41,6 +42,7 @@ COMPRESS = {
                         "calib_dtype": "bfloat16"}],
     "kv1-aligned": [{"method": "kv-heads", "kv_heads": 1, "merge": "aligned"}],
 }
+COMPRESS["gptq-w3-g128-rounding"] = COMPRESS["gptq-w3-g128"]  # healed with the rounding trained too
 SAVED = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf")) / "recovered"  # the healed models
 MEMORY = ["memory-2GiB-planned", "memory-2GiB-unplanned"]
 SWEEP_LR = ("3e-4", "1e-3", "3e-3")
@@ -120,7 +122,8 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
     cache = ReferenceCache.build(model, eval_windows(tok, "wikitext2", 2048, windows),
                                  folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32")
     recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {}),
-               **({"windows_per_step": 2} if name in SWEEP else {})}
+               **({"windows_per_step": 2} if name in SWEEP else {}),
+               **({"rounding": True} if name.endswith("-rounding") else {})}
     stages = [*COMPRESS["shortgpt-25" if name in SWEEP else name], recover]
     calib = CalibrationConfig(windows=16, seq_len=2048)
     last = len(stages) - 2

@@ -92,6 +92,50 @@ def test_a_ggml_linear_is_repacked_to_the_bytes_it_now_holds(text, fmt):
     assert changed > 0
 
 
+def test_with_rounding_codes_move_and_every_weight_stays_on_its_grid(text):
+    """The straight-through rounding: codes change (some), and the weights left in the model are
+    exactly their records' grids, for the integer grid and for GGML block types."""
+    stages = [{"method": "rtn", "bits": 3, "group_size": 32, "targets": ["*.mlp.*"]},
+              {"method": "rtn", "format": "gguf-iq4_nl", "targets": ["*.self_attn.*"]}]
+    # the latent weights start on their grid points: a code moves once its weight has travelled
+    # half a step, so this learning rate is high on purpose
+    res, teacher, _ = run(stages, text, rounding=True, lr=3e-3, grid_lr=1e-4)
+    before = compress(copy.deepcopy(teacher), {"stages": stages})
+    moved = {"grid": 0, "ggml": 0}
+    for name, rec in res.context.quant.items():
+        w = res.model.get_submodule(name).weight
+        old = before.context.quant[name]
+        if isinstance(rec, GGMLRecord):
+            assert torch.equal(rec.weight.dequantize(), w)
+            codes = lambda r: r.weight.data.reshape(-1, 18)[:, 2:]  # noqa: E731  IQ4_NL: float16 d, 16 code bytes
+            moved["ggml"] += int((codes(rec) != codes(old)).any())
+        else:
+            qw = rec.to_quantized(w)
+            assert torch.equal(qw.dequantize(), w)
+            moved["grid"] += int((qw.codes != old.to_quantized(before.model.get_submodule(name).weight).codes).any())
+    assert moved["grid"] > 0 and moved["ggml"] > 0, moved
+
+
+def test_straight_through_gradient_reaches_the_latent_weight_as_the_rounded_weight_gets_it():
+    from pocketlm.context import QuantRecord
+    from pocketlm.quant.grid import QuantSpec, quantize_weight
+    from pocketlm.recover.trainable import GroupGrid
+
+    lin = torch.nn.Linear(64, 8, bias=False)
+    qw = quantize_weight(lin.weight.detach(), QuantSpec(bits=4, group_size=32))
+    lin.weight.data = qw.dequantize()
+    grid = GroupGrid(lin, QuantRecord("rtn", qw.spec, qw.scales, qw.zeros, (8, 64)), None, rounding=True)
+    x = torch.randn(5, 64)
+    w = grid.weight_from(grid.scales())
+    assert torch.equal(w, lin.weight)  # starts exactly where the quantizer left it
+    w.retain_grad()
+    (torch.nn.functional.linear(x, w) ** 2).sum().backward()
+    inside = (grid.latent / grid.scales()[:, grid.idx] + grid.zeros[:, grid.idx]).round().clamp(0, 15) \
+        == (grid.latent / grid.scales()[:, grid.idx] + grid.zeros[:, grid.idx]).round()
+    assert torch.allclose(grid.latent.grad[inside], w.grad[inside])  # d w / d latent = 1 inside the range
+    assert grid.t.grad is not None and grid.t.grad.abs().sum() > 0  # and the scales learn from the rounded weight
+
+
 def test_removed_layers_and_merged_heads_stay(text):
     res, _, _ = run([{"method": "kv-heads", "kv_heads": 1}, {"method": "remove-layers", "layers": [0]}], text)
     assert res.model.config.num_hidden_layers == 2

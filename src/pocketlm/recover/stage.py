@@ -12,7 +12,8 @@ from ..data import calibration_windows
 from ..errors import PocketError
 from ..models import layer_linears
 from ..stages import Stage, register
-from . import distill, memory, plan as planner
+from .. import memory
+from . import distill, plan as planner
 from .trainable import BlockGrid, GroupGrid, attach
 
 DEFAULT_LR = {"full": 2e-4, "lora": 1e-3}
@@ -38,6 +39,9 @@ class Recover(Stage):
     rank: int = Field(16, ge=1, description="LoRA rank (mode: lora)")
     lr: float | None = Field(None, gt=0, description="peak learning rate (default 2e-4 full, 1e-3 lora)")
     grid_lr: float = Field(1e-3, gt=0, description="learning rate of quantization scales (relative change)")
+    rounding: bool = Field(False, description="quantized linears: also train the rounding (a latent weight rounded "
+                                              "to the grid, straight-through gradient): codes may change, still on "
+                                              "their grid")
     optimizer: Literal["adamw", "adashift"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     ce_weight: float = Field(0.0, ge=0, description="weight of next-token cross-entropy added to the KL")
@@ -87,7 +91,8 @@ class Recover(Stage):
         n_windows = self.steps * self.windows_per_step
         windows = calibration_windows(ctx.tokenizer, n_windows, self.seq_len, text, self.seed)
         model = ctx.model
-        tr = attach(model, layer_linears(model), ctx.quant, ctx.masks, self.mode, self.rank, norms=self.norms)
+        tr = attach(model, layer_linears(model), ctx.quant, ctx.masks, self.mode, self.rank, norms=self.norms,
+                    rounding=self.rounding)
         compute = torch.bfloat16 if self.compute_dtype == "bfloat16" else None
         n_train = tr.count()
         undo, plan = [], None
@@ -107,7 +112,8 @@ class Recover(Stage):
         grid, rest = [], []
         for n, p in tr.named_parameters().items():
             owner = model.get_submodule(n.rsplit(".", 1)[0])
-            (grid if isinstance(owner, (GroupGrid, BlockGrid)) else rest).append(p)
+            scale = isinstance(owner, (GroupGrid, BlockGrid)) and not n.endswith(".latent")  # latent: a weight
+            (grid if scale else rest).append(p)
         lr = self.lr or DEFAULT_LR[self.mode]
         groups = [g for g in ({"params": rest, "lr": lr}, {"params": grid, "lr": self.grid_lr}) if g["params"]]
         if not groups:

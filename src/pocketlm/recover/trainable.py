@@ -4,10 +4,17 @@
   mask is re-applied after every step, so pruned weights stay exactly zero and N:M patterns
   hold) or through a LoRA adapter that is masked *before* it is added, W' = (W + B A) * M, so
   that merging it keeps the sparsity.
-- A quantized linear keeps its codes; only the parameters of its own grid move: the per-group
-  scale of a pocketlm integer grid (w = s (q - z), z fixed), or the float16 scale (and offset)
-  of every block of a GGML block-of-32 type (w = d L[q] + m). Finishing rounds them to float16
-  and re-packs the very bytes the GGUF export writes. K-quant super-blocks stay frozen.
+- A quantized linear stays on its own grid: the per-group scale of a pocketlm integer grid
+  (w = s (q - z), z fixed), or the float16 scale (and offset) of every block of a GGML
+  block-of-32 type (w = d L[q] + m) are trained, the codes kept. With ``rounding`` the codes
+  may move too: a latent float weight is trained and rounded to the grid in every forward pass,
+  its gradient passed through the rounding unchanged (the straight-through estimator, as in
+  quantization-aware training with learned step sizes, Esser et al. 2020, LSQ); the scale gets
+  the gradient of the rounded weight. The latent weight starts at the quantizer's value (its
+  grid point, keeping what GPTQ chose), so a code moves once its weight has travelled half a
+  step: this needs a higher learning rate than the scales. Finishing rounds the parameters to float16, takes the
+  codes of the latent weight on that grid and re-packs the very bytes the GGUF export writes.
+  K-quant super-blocks stay frozen.
 - Layers removed, KV heads merged and embeddings are not touched: the module tree is the same.
 
 Scales are trained as relative changes, s = s0 (1 + t), so that one learning rate suits every
@@ -24,6 +31,7 @@ from torch import nn
 
 from ..context import GGMLRecord, QuantRecord
 from ..quant.ggml import GGMLWeight, get_type
+from ..quant.ggml.search import nearest
 
 
 class MaskedLoRA(nn.Module):
@@ -47,10 +55,16 @@ class MaskedLoRA(nn.Module):
         return F.linear(x, self.merged(), self.bias)
 
 
-class GroupGrid(nn.Module):
-    """A linear on a pocketlm integer grid: w = s0 (1 + t) (q - z) per group; t is trained."""
+def _ste(y: torch.Tensor, rounded: torch.Tensor) -> torch.Tensor:
+    """``rounded`` forward, the identity's gradient to ``y`` backward (straight-through)."""
+    return y + (rounded - y).detach()
 
-    def __init__(self, lin: nn.Linear, rec: QuantRecord, mask: torch.Tensor | None):
+
+class GroupGrid(nn.Module):
+    """A linear on a pocketlm integer grid: w = s0 (1 + t) (q - z) per group; t is trained (and,
+    with ``rounding``, a latent weight whose rounding gives q)."""
+
+    def __init__(self, lin: nn.Linear, rec: QuantRecord, mask: torch.Tensor | None, rounding: bool = False):
         super().__init__()
         self.bias, self.rec = lin.bias, rec
         qw = rec.to_quantized(lin.weight)
@@ -61,12 +75,22 @@ class GroupGrid(nn.Module):
         self.register_buffer("s0", rec.scales.float(), persistent=False)
         self.register_buffer("mask", None if mask is None else mask.bool(), persistent=False)
         self.t = nn.Parameter(torch.zeros_like(self.s0))
+        self.maxq = rec.spec.maxq
+        self.latent = nn.Parameter(lin.weight.detach().float().clone()) if rounding else None
 
     def scales(self) -> torch.Tensor:
         return self.s0 * (1 + self.t)
 
-    def weight_from(self, s: torch.Tensor) -> torch.Tensor:
-        w = s[:, self.idx] * (self.codes.float() - self.zeros[:, self.idx])
+    def codes_for(self, s: torch.Tensor) -> torch.Tensor:
+        """The codes (float): fixed, or the latent weight rounded on the grid of scales ``s``."""
+        if self.latent is None:
+            return self.codes.float()
+        y = self.latent / s[:, self.idx] + self.zeros[:, self.idx]
+        return _ste(y, torch.round(y)).clamp(0, self.maxq)
+
+    def weight_from(self, s: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.codes_for(s) if q is None else q
+        w = s[:, self.idx] * (q - self.zeros[:, self.idx])
         return w if self.mask is None else w * self.mask
 
     def forward(self, x):
@@ -75,13 +99,14 @@ class GroupGrid(nn.Module):
     def finish(self) -> tuple[torch.Tensor, QuantRecord]:
         s = self.scales().detach().half().float()
         rec = QuantRecord(self.rec.method, self.rec.spec, s, self.rec.zeros, self.rec.shape)
-        return self.weight_from(s).detach(), rec
+        return self.weight_from(s, self.codes_for(s).detach()).detach(), rec
 
 
 class BlockGrid(nn.Module):
-    """A linear on a GGML block-of-32 type: w = d0 (1 + t) L[q] (+ m0 + d0 u); t (and u) trained."""
+    """A linear on a GGML block-of-32 type: w = d0 (1 + t) L[q] (+ m0 + d0 u); t (and u) trained
+    (and, with ``rounding``, a latent weight whose nearest level gives q)."""
 
-    def __init__(self, lin: nn.Linear, rec: GGMLRecord, mask: torch.Tensor | None):
+    def __init__(self, lin: nn.Linear, rec: GGMLRecord, mask: torch.Tensor | None, rounding: bool = False):
         super().__init__()
         self.bias, self.rec = lin.bias, rec
         self.kind = get_type(rec.type)
@@ -104,6 +129,7 @@ class BlockGrid(nn.Module):
         self.shape = (d_out, d_in)
         self.t = nn.Parameter(torch.zeros_like(d))
         self.u = nn.Parameter(torch.zeros_like(d)) if self.offset else None
+        self.latent = nn.Parameter(x.clone()) if rounding else None  # (blocks, 32)
 
     def params(self) -> dict[str, torch.Tensor]:
         p = {"d": self.d0 * (1 + self.t)}
@@ -111,8 +137,16 @@ class BlockGrid(nn.Module):
             p["m"] = self.m0 + self.d0.abs() * self.u
         return p
 
-    def weight_from(self, p: dict) -> torch.Tensor:
-        w = p["d"][:, None] * self.levels[self.codes.long()]
+    def values_for(self, p: dict) -> torch.Tensor:
+        """L[q] per weight (blocks, 32): fixed codes, or the latent weight's nearest level."""
+        if self.latent is None:
+            return self.levels[self.codes.long()]
+        d = torch.where(p["d"] == 0, torch.ones_like(p["d"]), p["d"])[:, None]
+        y = (self.latent - (p["m"][:, None] if self.offset else 0)) / d
+        return _ste(y, self.levels[nearest(y.detach(), self.levels)])
+
+    def weight_from(self, p: dict, values: torch.Tensor | None = None) -> torch.Tensor:
+        w = p["d"][:, None] * (self.values_for(p) if values is None else values)
         if self.offset:
             w = w + p["m"][:, None]
         w = w.reshape(self.shape)
@@ -123,8 +157,10 @@ class BlockGrid(nn.Module):
 
     def finish(self) -> tuple[torch.Tensor, GGMLRecord]:
         p = {k: v.detach().half().float() for k, v in self.params().items()}
-        data = self.kind.pack(self.codes, p).reshape(self.shape[0], -1)
-        return self.weight_from(p).detach(), GGMLRecord(self.rec.method, GGMLWeight(self.rec.type, self.shape, data))
+        q = self.codes.long() if self.latent is None else self.kind.encode(self.latent.detach(), p)
+        data = self.kind.pack(q, p).reshape(self.shape[0], -1)
+        w = self.weight_from(p, self.levels[q]).detach()
+        return w, GGMLRecord(self.rec.method, GGMLWeight(self.rec.type, self.shape, data))
 
 
 @dataclass
@@ -181,9 +217,10 @@ def _set(model: nn.Module, name: str, mod: nn.Module) -> None:
 
 
 def attach(model: nn.Module, layer_linears: dict[str, nn.Linear], quant: dict, masks: dict, mode: str = "full",
-           rank: int = 16, alpha: float = 32.0, norms: bool = True) -> Trainable:
+           rank: int = 16, alpha: float = 32.0, norms: bool = True, rounding: bool = False) -> Trainable:
     """Make ``model``'s decoder layers trainable in a structure-preserving way (see the module
-    doc). Everything else (embeddings, head, final norm) is frozen."""
+    doc; ``rounding``: quantized linears' codes may move too). Everything else (embeddings, head,
+    final norm) is frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
     tr = Trainable(model)
@@ -192,13 +229,13 @@ def attach(model: nn.Module, layer_linears: dict[str, nn.Linear], quant: dict, m
         keep_dev = None if keep is None else keep.to(lin.weight.device)
         rec = quant.get(name)
         if isinstance(rec, QuantRecord):
-            mod = GroupGrid(lin, rec, keep_dev)
+            mod = GroupGrid(lin, rec, keep_dev, rounding)
         elif isinstance(rec, GGMLRecord):
             if rec.type not in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"):
                 tr.frozen.append(f"{name} ({rec.type}: super-block scales are not tuned)")
                 continue
             try:
-                mod = BlockGrid(lin, rec, keep_dev)
+                mod = BlockGrid(lin, rec, keep_dev, rounding)
             except ValueError as e:
                 tr.frozen.append(f"{name} ({e})")
                 continue
