@@ -19,14 +19,14 @@ def peak_rss_mib() -> float:
 
 def reset_peak_rss() -> None:
     """Reset the kernel's high-water mark (VmHWM) so a phase's own peak can be read."""
-    from pocketlm.recover import memory
+    from pocketlm import memory
 
     memory.reset_peak()
 
 
 def hwm_mib() -> float:
     """Peak RSS since the last reset_peak_rss (or since the start)."""
-    from pocketlm.recover import memory
+    from pocketlm import memory
 
     return memory.peak() / 2**20 or peak_rss_mib()
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import memory
 from .errors import PocketError
 from .fsutil import atomic_file
 
@@ -81,6 +82,13 @@ def _set(module: nn.Module, name: str, value: torch.Tensor) -> None:
     mod._parameters[leaf] = nn.Parameter(value, requires_grad=old.requires_grad)
 
 
+def _unload(module: nn.Module) -> None:
+    """Return a module's parameters to ``meta`` (freeing them); buffers (computed, not read)
+    stay."""
+    for name, p in list(module.named_parameters()):
+        _set(module, name, torch.empty_like(p, device="meta"))
+
+
 def _layer_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     for name, mod in model.named_modules():
         if mod is layers:
@@ -97,6 +105,7 @@ class Streamer:
         """``work`` None: a read-only pass (evaluation): layers are freed, nothing is written."""
         from .models import ModelAdapter
 
+        memory.return_freed_memory()  # a freed layer goes back to the kernel, not into the heap
         self.model, self.source, self.device = model, source, device
         self.origin = source.folder  # the model's own directory (its side files: generation config)
         self.work = Path(work) if work is not None else None  # made when the first file is written
@@ -156,14 +165,16 @@ class Streamer:
 
         layer = self.layers[idx]
         if self.work is None:
-            layer.to("meta")
+            _unload(layer)
+            memory.trim()
             return
         prefix = f"{self.prefix}.{idx}"
         tensors = {f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in layer.state_dict().items()}
         self.stage_dir().mkdir(parents=True, exist_ok=True)
         with atomic_file(self.layer_file(idx), overwrite=True) as tmp:
             save_file(tensors, str(tmp))
-        layer.to("meta")
+        _unload(layer)
+        memory.trim()
 
     def finish_stage(self) -> None:
         """The stage is done: write the resident parts and an index, and read the next stage
@@ -182,10 +193,10 @@ class Streamer:
         with atomic_file(out / "rest.safetensors", overwrite=True) as tmp:
             save_file(rest, str(tmp))
         weight_map = {k: "rest.safetensors" for k in rest}
+        from safetensors import safe_open
+
         for idx in range(len(self.layers)):
             f = self.layer_file(idx)
-            from safetensors import safe_open
-
             with safe_open(str(f), "pt") as h:
                 weight_map.update({k: f.name for k in h.keys()})
         with atomic_file(out / INDEX, overwrite=True) as tmp:

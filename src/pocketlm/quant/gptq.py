@@ -17,18 +17,22 @@ from .grid import QuantizedWeight, QuantSpec, codes, fake_quant, find_params
 from .rtn import EMBED, QuantStage
 
 
-def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int = 6) -> torch.Tensor:
+def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, tries: int = 6, fresh=None) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp I)^-1, damp = percdamp * mean(diag H); the damping
-    grows tenfold each time the factorisation fails."""
+    grows tenfold each time the factorisation fails. Every step runs in one d x d buffer (LAPACK
+    factorises and inverts in place): a copy of H, or, with ``fresh`` (a function returning a new
+    copy of H, for a retry), H itself, which then holds the result."""
     damp = percdamp * torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for _ in range(tries):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+    info = torch.empty((), dtype=torch.int32)
+    for k in range(tries):
+        A = H.clone() if fresh is None else (H if k == 0 else fresh())
+        A.diagonal().add_(damp)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0:
-                return U
+                return A
         damp = damp * 10
     raise RuntimeError("Hessian is not positive definite even with heavy damping")
 
@@ -53,14 +57,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     Algorithm 1) with its grid bookkeeping reads best in one piece, next to the paper.
     """
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H0 = H.detach().float()  # the caller's, never written: working copies are made from it
     d_out, d_in = W.shape
     gl = spec.group_len(d_in)
     n_groups = spec.n_groups(d_in)
     bits = torch.full((d_out,), float(spec.bits), device=W.device) if row_bits is None else row_bits.float().to(W.device)
     maxq = 2**bits - 1
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    diag = torch.diag(H0).clone()
+    dead = diag == 0
+    diag[dead] = 1
     W[:, dead] = 0
 
     scales = torch.zeros(d_out, n_groups, device=W.device)
@@ -69,21 +74,27 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     if round_col is not None:
         have[:] = True
     elif act_order:  # static groups: every group's grid from the original weights
-        hd = torch.diag(H) if spec.clip else None  # a clipping search weighs each input by its energy
+        hd = diag if spec.clip else None  # a clipping search weighs each input by its energy
         for g in range(n_groups):
             cols = slice(g * gl, (g + 1) * gl)
             scales[:, g], zeros[:, g] = find_params(W[:, cols], spec, weight=None if hd is None else hd[cols],
                                                     bits=bits)
         have[:] = True
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        perm = torch.argsort(diag, descending=True)
+        W = W[:, perm]
     else:
         perm = torch.arange(d_in, device=W.device)
+
+    def working_h() -> torch.Tensor:
+        """H in the sweep's column order, dead inputs given a unit diagonal: one d x d copy."""
+        Hw = H0[perm[:, None], perm[None, :]] if act_order else H0.clone()
+        Hw.diagonal()[dead[perm]] = 1
+        return Hw
     if keep is not None:
         keep = keep.to(W.device)[:, perm].float()
 
-    U = damped_inverse_cholesky(H, percdamp)
+    U = damped_inverse_cholesky(working_h(), percdamp, fresh=working_h)
     Q = torch.zeros_like(W)
     loss = torch.zeros(d_out, device=W.device)
     col_of = perm.tolist()
@@ -112,14 +123,18 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    del U, W, W1, Err1  # the largest buffers go before the codes are computed
 
     if act_order:
         inv = torch.argsort(perm)
         Q = Q[:, inv]
     if round_col is not None:
         return Q, None, loss.sum().item()
-    idx = torch.arange(d_in, device=W.device) // gl
-    q_codes = codes(Q, scales[:, idx], zeros[:, idx], maxq[:, None]).to(torch.uint8)
+    idx = torch.arange(d_in, device=Q.device) // gl
+    q_codes = torch.empty(d_out, d_in, dtype=torch.uint8, device=Q.device)
+    for r in range(0, d_out, 256):  # row blocks: the expanded scales never exist for the whole matrix
+        rows = slice(r, r + 256)
+        q_codes[rows] = codes(Q[rows], scales[rows][:, idx], zeros[rows][:, idx], maxq[rows, None])
     qw = QuantizedWeight(spec, q_codes.cpu(), scales.cpu(), zeros.to(torch.uint8).cpu())
     return Q, qw, loss.sum().item()
 

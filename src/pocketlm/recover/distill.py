@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import progress
 from ..errors import PocketError
-from . import memory
+from .. import memory
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import PocketError
-from . import memory
+from .. import memory
 
 STATES = ("none", "mlp", "attention", "blocks", "layer")  # what a layer recomputes
 HEADROOM = 0.03  # of the budget, left free for what the count cannot see (allocator rounding, small tensors)
