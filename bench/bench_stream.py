@@ -53,6 +53,8 @@ def make_model(folder: Path, layers: int) -> int:
     gen = torch.Generator().manual_seed(0)
     shards: dict[str, dict] = {}
     for name, p in meta.named_parameters():
+        if name == "lm_head.weight":
+            continue  # tied to the embedding: not stored, as transformers saves a tied model
         part = name.split(".")[2] if name.startswith("model.layers.") else name.removesuffix(".weight")
         t = torch.empty(p.shape).normal_(0, 0.02, generator=gen) if p.dim() == 2 else torch.ones(p.shape)
         shards.setdefault(part, {})[name] = t
@@ -130,15 +132,21 @@ def same_output(a: Path, b: Path) -> tuple[bool, int]:
     import torch
     from safetensors import safe_open
 
-    from pocketlm.stream import INDEX
+    from pocketlm.stream import SafetensorsSource
 
     def tensors(d: Path) -> dict[str, Path]:
-        where = {k: d / v for k, v in json.loads((d / INDEX).read_text())["weight_map"].items()}
+        where = dict(SafetensorsSource(d).where)  # one file or shards with their index
         with safe_open(str(d / "quantization.safetensors"), "pt") as h:
             where.update({f"quant:{k}": d / "quantization.safetensors" for k in h.keys()})
         return where
 
     ta, tb = tensors(a), tensors(b)
+    for where in (ta, tb):  # a tied head saved beside its embedding is the same tensor twice
+        head = where.get("lm_head.weight")
+        if head is not None and set(ta) ^ set(tb) == {"lm_head.weight"}:
+            with safe_open(str(head), "pt") as h, safe_open(str(where["model.embed_tokens.weight"]), "pt") as e:
+                if torch.equal(h.get_tensor("lm_head.weight"), e.get_tensor("model.embed_tokens.weight")):
+                    del where["lm_head.weight"]
     if set(ta) != set(tb):
         return False, 0
     for name in ta:

@@ -62,6 +62,16 @@ def test_streamed_output_equals_in_memory_bit_for_bit(sharded, windows, in_memor
     assert not (tmp_path / "work").exists()  # the work files go once the output is written
 
 
+def test_a_tied_model_streams_with_its_head_tied(tiny_dir, windows, tmp_path):
+    """A tied model's files hold no head: the streamed skeleton ties it, as loading does."""
+    mem = pocketlm.compress(str(tiny_dir), GPTQ, calibration=windows)
+    mem.save(tmp_path / "mem")
+    pocketlm.compress(str(tiny_dir), GPTQ, calibration=windows, stream=tmp_path / "work").save(tmp_path / "out")
+    out = models.load(str(tmp_path / "out"))[0]
+    assert out.lm_head.weight.data_ptr() == out.model.embed_tokens.weight.data_ptr()
+    assert _same(out.state_dict(), _weights(tmp_path / "mem"))
+
+
 def test_only_one_decoder_layer_is_ever_loaded(sharded, windows, tmp_path, monkeypatch):
     seen = []
     load = S.Streamer.load

@@ -137,13 +137,16 @@ class Streamer:
         if self.resident:
             return
         inside = {id(p) for p in self.layers.parameters()}
+        tied = bool(getattr(self.model.config, "tie_word_embeddings", False))
+        untied_head = False
         for name, p in list(self.model.named_parameters()):
             if id(p) in inside or p.device.type != "meta":
                 continue
-            if name not in self.source and getattr(self.model.config, "tie_word_embeddings", False):
-                continue  # the tied head: tie_weights below
+            if tied and name not in self.source:
+                untied_head = True  # the head the source leaves to its embedding: tied below
+                continue
             _set(self.model, name, self.source.get(name).to(self.device, p.dtype))
-        if getattr(self.model.config, "tie_word_embeddings", False):
+        if untied_head:  # as transformers does: a head stored beside the embedding stays its own
             self.model.tie_weights()
         self.resident = True
 
