@@ -9,7 +9,8 @@ and by AdaShift (n = 10: its first step after 11 gradients) at the same learning
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
 (3-bit, tuned on its own grid: scales only, codes fixed), ``gptq-w3-g128-rounding`` (the same,
-the codes trained too through the straight-through rounding), ``imatrix-iq4_nl`` (IQ4_NL, tuned
+the codes trained too through the straight-through rounding, scales at grid_lr 1e-4; run with a
+higher --lr, e.g. 1e-3, so that codes can move), ``imatrix-iq4_nl`` (IQ4_NL, tuned
 on its block scales, exported and scored in llama.cpp too), ``kv1-aligned`` (3 KV heads merged into
 1 after alignment); each reports the compressed model (``NAME``, measured before recovery, in
 the same run) and the recovered one (``NAME+recover``), and checks that the structure survived
@@ -123,7 +124,7 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
                                  folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32")
     recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {}),
                **({"windows_per_step": 2} if name in SWEEP else {}),
-               **({"rounding": True} if name.endswith("-rounding") else {})}
+               **({"rounding": True, "grid_lr": 1e-4} if name.endswith("-rounding") else {})}
     stages = [*COMPRESS["shortgpt-25" if name in SWEEP else name], recover]
     calib = CalibrationConfig(windows=16, seq_len=2048)
     last = len(stages) - 2
