@@ -120,6 +120,10 @@ def run(model: Path, out: Path, calib: int, cap_mib: int | None, extra: list[str
         raise RuntimeError(f"{' '.join(args)} failed ({code}): {err.strip().splitlines()[-1:]}")
     row = {"seconds": round(time.perf_counter() - t, 1), "run_peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
            "exit": code}
+    if (out / "pocketlm.json").is_file():  # the run's own prediction of its peak, and its parts
+        mem = json.loads((out / "pocketlm.json").read_text()).get("memory") or {}
+        row["predicted_peak_mib"] = round(mem.get("predicted_peak_bytes", 0) / 2**20, 1)
+        row["predicted_parts_mib"] = {k: round(v / 2**20, 1) for k, v in mem.items() if not k.endswith("peak_bytes")}
     if cap_mib:
         row["cap_mib"] = cap_mib
         row["cgroup_peak_mib"] = round(int((CGROUP / "memory.max_usage_in_bytes").read_text()) / 2**20, 1)

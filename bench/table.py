@@ -168,14 +168,15 @@ def fit_table(rows: list[dict]) -> None:
 
 def stream_table(rows: list[dict]) -> None:
     """Streamed compression under a memory cap against the same compression in memory."""
-    print("| run | memory cap MiB | peak RSS MiB | cgroup peak MiB (page cache included) | seconds | "
-          "output equal to the in-memory run |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| run | memory cap MiB | predicted peak MiB | peak RSS MiB | cgroup peak MiB (page cache included) | "
+          "seconds | output equal to the in-memory run |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         eq = "–" if "equal_to_in_memory" not in r else \
             f"{'yes' if r['equal_to_in_memory'] else 'NO'} ({r['tensors_compared']} tensors)"
         run = r["config"] + (f" (killed after {r['killed_after_s']:.0f} s, then --resume)" if "killed_after_s" in r else "")
-        print(f"| {run} | {r.get('cap_mib', 'none')} | {r['run_peak_rss_mib']:.0f} | {cell('x', r.get('cgroup_peak_mib'))} | "
+        print(f"| {run} | {r.get('cap_mib', 'none')} | {cell('x', r.get('predicted_peak_mib'))} | "
+              f"{r['run_peak_rss_mib']:.0f} | {cell('x', r.get('cgroup_peak_mib'))} | "
               f"{r['seconds']:.0f} | {eq} |")
     r = rows[0]
     print(f"\nModel: {r['layers']} decoder layers, {r['model_bytes'] / 2**30:.2f} GiB of float32 weights; "

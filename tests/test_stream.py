@@ -227,3 +227,19 @@ def test_cli_eval_stream(sharded, tmp_path):
     assert r["streamed"] and r["ppl"] == pytest.approx(direct["ppl"], rel=1e-5)
     code, text = run_cli(["eval", str(sharded), "--stream", "--task", "hellaswag", "--seq-len", "64"])
     assert code == 2 and "--task does not stream" in text
+
+
+def test_the_predicted_peak_is_reported_and_streaming_predicts_less(sharded, windows, tmp_path):
+    mem = pocketlm.compress(str(sharded), GPTQ, calibration=windows).memory
+    streamed = pocketlm.compress(str(sharded), GPTQ, calibration=windows, stream=tmp_path / "work").memory
+    for m in (mem, streamed):
+        assert m["predicted_peak_bytes"] == sum(v for k, v in m.items() if k not in ("predicted_peak_bytes",
+                                                                                      "measured_peak_bytes"))
+        assert m["measured_peak_bytes"] > 0
+    # the streamed run holds one of the 4 layers: its weights part is the rest plus the largest layer
+    assert streamed["weights"] < mem["weights"]
+    layer = (mem["weights"] - streamed["weights"]) / 3
+    q_o, k_v, mlp, norms = 2 * 64 * 64, 2 * 32 * 64, 3 * 160 * 64, 2 * 64  # hidden 64, 2 KV heads of 16, MLP 160
+    assert layer == 4 * (q_o + k_v + mlp + norms)
+    wanda = {"name": "w", "stages": [{"method": "wanda", "sparsity": 0.5}]}
+    assert pocketlm.compress(str(sharded), wanda, calibration=windows).memory is None  # wanda cannot say

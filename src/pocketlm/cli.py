@@ -150,6 +150,10 @@ def _summary(model: str, recipe: str, man: dict, total_s: float, path: Path, com
             if s.get("plan"):
                 t.add_row("recovery peak memory: predicted, measured", _bytes(s["plan"]["predicted_peak_bytes"]),
                           _bytes(s["peak_rss_bytes"]))
+    mem = man.get("memory")
+    if mem:
+        t.add_row("peak memory: predicted, measured", _bytes(mem["predicted_peak_bytes"]),
+                  _bytes(mem["measured_peak_bytes"]))
     t.add_row("bits per weight, quantized linears", "16", _fmt(size["bpw_quantized"], 4))
     t.add_row("bits per weight, whole model (others 16-bit)", "16", _fmt(size["bpw_model"], 4))
     t.add_row("packed size (16-bit tensors, packed codes, sparse bitmasks)", "", _bytes(size["packed_bytes"]))

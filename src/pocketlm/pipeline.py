@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from . import __version__, models, outdir
+from . import __version__, memory, models, outdir
 from .context import CalibrationConfig, Context
 from .errors import PocketError
 from .fsutil import atomic_dir
@@ -28,6 +28,8 @@ class CompressionResult:
     stages: list[dict] = field(default_factory=list)
     source: str | None = None
     eval: dict | None = None
+    #: predicted peak resident bytes (by part) and the measured one, when the stages can predict
+    memory: dict | None = None
 
     def manifest(self) -> dict:
         c = self.context
@@ -47,6 +49,7 @@ class CompressionResult:
             "size": c.size_report(),
             "stages": self.stages,
             "eval": self.eval,
+            "memory": self.memory,
             "linears": {n: r.summary() for n, r in c.quant.items()},
         }
 
@@ -136,6 +139,7 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         ctx.calib_windows = calibration
     elif calibration is not None:
         ctx.calibration = calibration
+    predicted = _predict_memory(ctx, recipe, streamer is not None)
     reports: list[dict] = []
     if streamer is not None:
         streamer.records, streamer.restore_records = ctx.records_state, ctx.restore_records
@@ -152,7 +156,19 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         if after_stage is not None and k + 1 < len(recipe.stages):
             part = recipe.model_copy(update={"stages": recipe.stages[: k + 1]})
             after_stage(CompressionResult(ctx.model, tokenizer, part, ctx, _spent(reports), list(reports), source))
-    return CompressionResult(ctx.model, tokenizer, recipe, ctx, _spent(reports), reports, source)
+    if predicted is not None:
+        predicted["measured_peak_bytes"] = memory.peak()
+    return CompressionResult(ctx.model, tokenizer, recipe, ctx, _spent(reports), reports, source, memory=predicted)
+
+
+def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool) -> dict | None:
+    """The predicted peak of a recipe whose stages all say what they need (None otherwise)."""
+    from .footprint import predict_peak
+
+    if not recipe.needs_calibration or any(s.memory_bytes({}) is None for s in recipe.stages):
+        return None
+    n, seq_len = ctx.windows().shape
+    return predict_peak(ctx.model, n, seq_len, recipe.stages, streamed, ctx.calibration.offload, memory.rss())
 
 
 def _check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:

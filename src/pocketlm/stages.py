@@ -46,6 +46,12 @@ class Stage(BaseModel):
         cannot: a stage streams when all its work is one layer-by-layer pass."""
         return "it needs the whole model in memory at once"
 
+    def memory_bytes(self, linears: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
+        """(bytes held through a decoder layer's turn, bytes allocated at most on top of them)
+        for one layer with these linears ({name: (d_out, d_in)}), for the predicted peak; None
+        when the stage cannot say."""
+        return None
+
     def selects(self, name: str) -> bool:
         hit = any(fnmatch.fnmatchcase(name, p) for p in self.targets)
         return hit and not any(fnmatch.fnmatchcase(name, p) for p in self.ignore)

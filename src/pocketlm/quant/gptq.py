@@ -240,6 +240,15 @@ class GPTQ(QuantStage):
     def stream_blocker(self) -> str | None:
         return None
 
+    def memory_bytes(self, linears):
+        """H (d_in x d_in, float32) of every linear (an upper bound: linears reading one input
+        share it); for the largest, its scaled copy, the working copy and LAPACK's buffer, and
+        three copies of the weight."""
+        held = sum(4 * d_in * d_in for _, d_in in linears.values())
+        d_max = max((d_in for _, d_in in linears.values()), default=0)
+        w_max = max((d_out * d_in for d_out, d_in in linears.values()), default=0)
+        return held, 3 * 4 * d_max * d_max + 3 * 4 * w_max
+
     def run(self, ctx) -> dict:
         spec = self.spec()
         if self.format is not None:

@@ -140,6 +140,13 @@ class Imatrix(QuantStage):
 
     needs_calibration = True
 
+    def memory_bytes(self, linears):
+        """The importance of every input (held), and for the largest linear its dequantized copy,
+        packed bytes and the scale search's chunk of candidates."""
+        held = sum(4 * d_in for _, d_in in linears.values())
+        w_max = max((d_out * d_in for d_out, d_in in linears.values()), default=0)
+        return held, 2 * 4 * w_max + 16 * 4 * (1 << 21)
+
     def stream_blocker(self) -> str | None:
         if not self.sequential:
             return "with sequential: false it quantizes every layer after the pass (use sequential: true)"
