@@ -163,12 +163,14 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
 
 def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool) -> dict | None:
     """The predicted peak of a recipe whose stages all say what they need (None otherwise)."""
-    from .footprint import predict_peak
+    from .footprint import param_bytes, predict_peak
 
     if not recipe.needs_calibration or any(s.memory_bytes({}) is None for s in recipe.stages):
         return None
     n, seq_len = ctx.windows().shape
-    return predict_peak(ctx.model, n, seq_len, recipe.stages, streamed, ctx.calibration.offload, memory.rss())
+    # what the process holds besides the weights (a loaded model's weights are counted apart)
+    base = memory.rss() - (0 if streamed else param_bytes(ctx.model))
+    return predict_peak(ctx.model, n, seq_len, recipe.stages, streamed, ctx.calibration.offload, base)
 
 
 def _check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
