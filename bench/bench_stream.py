@@ -5,6 +5,7 @@ the same compression in memory; then a streamed run killed (SIGKILL) half-way an
 ``--resume``. The outputs are compared tensor by tensor (every weight, scale and zero point).
 
     .venv/bin/python bench/bench_stream.py [--cap-mib 1536] [--layers 14] [--calib-windows 4]
+    .venv/bin/python bench/bench_stream.py --smollm2   # SmolLM2-135M, 32 x 2048 windows: streamed vs in memory
 
 Each run is a fresh ``pocketlm compress`` process; its peak RSS comes from the kernel
 (``wait4``), the cgroup's own high-water mark (page cache of the files read included) beside it.
@@ -82,14 +83,13 @@ def _write(folder: Path, part: str, tensors: dict) -> None:
     save_file(tensors, str(folder / f"part-{part}.safetensors"))
 
 
-def run(model: Path, out: Path, calib: int, cap_mib: int | None, extra: list[str],
-        kill_after_layers: int | None = None) -> dict:
+def run(model: "Path | str", out: Path, calib: int, cap_mib: int | None, extra: list[str],
+        kill_after_layers: int | None = None, calib_len: int = 512) -> dict:
     """One ``pocketlm compress`` process (in the capped cgroup when ``cap_mib``); with
     ``kill_after_layers`` it is killed once its journal says that many layers are written."""
     cli = Path(sys.executable).with_name("pocketlm")
-    (DIR / "recipe.yaml").write_text(RECIPE)
     args = [str(cli), "compress", str(model), "--recipe", str(DIR / "recipe.yaml"), "--out", str(out),
-            "--calib-windows", str(calib), "--calib-len", "512", "--eval-windows", "0", *extra]
+            "--calib-windows", str(calib), "--calib-len", str(calib_len), "--eval-windows", "0", *extra]
     if cap_mib:
         CGROUP.mkdir(exist_ok=True)
         (CGROUP / "memory.limit_in_bytes").write_text(str(cap_mib * 2**20))
@@ -161,13 +161,34 @@ def same_output(a: Path, b: Path) -> tuple[bool, int]:
     return True, len(ta)
 
 
+def smollm2() -> None:
+    """The default model (a GGUF file: streamed from its memory-mapped tensors), GPTQ w4 g128 on
+    32 x 2048 calibration windows, in memory and streamed, one after the other in this run."""
+    outs = {k: DIR / f"smollm2-{k}" for k in ("in-memory", "streamed")}
+    for d in outs.values():
+        shutil.rmtree(d, ignore_errors=True)
+    rows = {"in-memory": run("smollm2-135m", outs["in-memory"], 32, None, [], calib_len=2048),
+            "streamed": run("smollm2-135m", outs["streamed"], 32, None, ["--stream"], calib_len=2048)}
+    rows["streamed"]["equal_to_in_memory"], rows["streamed"]["tensors_compared"] = \
+        same_output(outs["streamed"], outs["in-memory"])
+    rows["streamed"]["time_ratio"] = round(rows["streamed"]["seconds"] / rows["in-memory"]["seconds"], 3)
+    for name, row in rows.items():
+        line = emit({"bench": "stream", "config": f"smollm2-{name}", "model": "smollm2-135m", "calib_windows": 32,
+                     "calib_len": 2048, "recipe": "gptq w4 g128", **row})
+        _replace_line(RESULTS / "stream.jsonl", f"smollm2-{name}", line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cap-mib", type=int, default=1536)
     ap.add_argument("--layers", type=int, default=14)
     ap.add_argument("--calib-windows", type=int, default=4)
+    ap.add_argument("--smollm2", action="store_true")
     a = ap.parse_args()
     DIR.mkdir(parents=True, exist_ok=True)
+    (DIR / "recipe.yaml").write_text(RECIPE)
+    if a.smollm2:
+        return smollm2()
     model = DIR / f"llama-{a.layers}L"
     nbytes = make_model(model, a.layers)
     outs = {k: DIR / f"out-{k}" for k in ("in-memory", "streamed", "resumed")}
@@ -185,8 +206,8 @@ def main() -> None:
     for name, row in rows.items():
         if name != "in-memory":
             row["equal_to_in_memory"], row["tensors_compared"] = same_output(outs[name], outs["in-memory"])
-        line = emit({**base, "config": name, **row})
-        _replace_line(RESULTS / "stream.jsonl", name, line)
+        line = emit({**base, "config": f"{name}-{a.layers}L", **row})
+        _replace_line(RESULTS / "stream.jsonl", f"{name}-{a.layers}L", line)
     if CGROUP.exists():
         CGROUP.rmdir()
 
