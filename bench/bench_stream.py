@@ -100,8 +100,10 @@ def run(model: "Path | str", out: Path, calib: int, cap_mib: int | None, extra: 
             (CGROUP / "cgroup.procs").write_text(str(os.getpid()))
 
     t = time.perf_counter()
-    p = subprocess.Popen(args, preexec_fn=enter, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                         env={**os.environ, "POCKETLM_QUIET": "1"})
+    env = {**os.environ, "POCKETLM_QUIET": "1"}
+    if kill_after_layers is not None:  # a journal after every layer, so the kill lands mid-run
+        env["POCKETLM_CHECKPOINT_SECONDS"] = "0"
+    p = subprocess.Popen(args, preexec_fn=enter, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     journal = out.with_name(out.name + ".stream-work") / "journal.json"
     killed = False
     while kill_after_layers is not None and p.poll() is None:

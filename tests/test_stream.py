@@ -28,6 +28,14 @@ def sharded(tmp_path_factory):
     return d
 
 
+def test_journal_entries_are_spaced_in_time_but_every_stage_ends_with_one(sharded, windows, tmp_path, monkeypatch):
+    entries = []
+    real = S.Streamer._journal
+    monkeypatch.setattr(S.Streamer, "_journal", lambda self, n, *a: entries.append((self.stage, n)) or real(self, n, *a))
+    pocketlm.compress(str(sharded), TWO, calibration=windows, stream=tmp_path / "work")
+    assert entries == [(0, 4), (1, 0), (1, 4), (2, 0)]  # the default spacing (a minute) outlasts this run
+
+
 @pytest.fixture(scope="module")
 def windows():
     return torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -92,8 +100,9 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize("stop_at", [2, 4, 6], ids=["stage0-layer1", "stage0-last", "stage1-layer1"])
 def test_a_stopped_run_resumes_to_the_same_bytes(sharded, windows, in_memory, tmp_path, monkeypatch, stop_at):
-    """Stopped after ``stop_at`` journal entries (each layer writes one, each finished stage one),
-    the run started again with the same work directory ends with the uninterrupted output."""
+    """Stopped after ``stop_at`` journal entries (each layer writes one here, each finished stage
+    one), the run started again with the same work directory ends with the uninterrupted output."""
+    monkeypatch.setattr(S.Streamer, "CHECKPOINT_SECONDS", 0.0)
     real = S.Streamer._journal
     count = {"n": 0}
 

@@ -211,30 +211,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                 prefix = f"{dec_prefix}.{idx}"
                 lin = {f"{prefix}.{k}": m for k, m in layer.named_modules() if isinstance(m, nn.Linear)}
                 view = LayerView(idx, prefix, layer, lin, inputs, kwargs[idx], kwargs, compute_dtype)
-                processor.begin(view)
-                last = {}  # the previous hooked input in this window, to detect shared inputs
-                handles = [m.register_forward_hook(_observer(processor, name, last))
-                           for name, m in lin.items() if processor.wants(name)]
-                try:
-                    # the observing pass; a modifying processor that hooks nothing skips it
-                    with torch.no_grad():
-                        for i in range(n if handles or outputs is not None else 0):
-                            out = view.forward(inputs[i])
-                            if outputs is not None:
-                                outputs[i] = out
-                            last.clear()
-                finally:
-                    for h in handles:
-                        h.remove()
-                processor.process(view)
-                if outputs is None:
-                    with torch.no_grad():
-                        for i in range(n):
-                            inputs[i] = view.forward(inputs[i])
-                    processor.after(view, inputs)
-                else:
-                    processor.after(view, outputs)
-                    inputs, outputs = outputs, inputs
+                inputs, outputs = _one_layer(view, processor, inputs, outputs)
                 if stream is not None:
                     stream.finish_layer(idx)
                     stream.checkpoint(idx, inputs, processor.state())
@@ -244,6 +221,37 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
         inputs.close()
         if outputs is not None:
             outputs.close()
+
+
+def _one_layer(view: LayerView, processor: LayerProcessor, inputs: ActivationStore,
+               outputs: ActivationStore | None) -> tuple[ActivationStore, ActivationStore | None]:
+    """One layer's turn: observe it on every window (hooks on the linears the processor wants),
+    let the processor transform it, and leave the layer's outputs in the returned first store."""
+    n = len(inputs)
+    processor.begin(view)
+    last = {}  # the previous hooked input in this window, to detect shared inputs
+    handles = [m.register_forward_hook(_observer(processor, name, last))
+               for name, m in view.linears.items() if processor.wants(name)]
+    try:
+        # the observing pass; a modifying processor that hooks nothing skips it
+        with torch.no_grad():
+            for i in range(n if handles or outputs is not None else 0):
+                out = view.forward(inputs[i])
+                if outputs is not None:
+                    outputs[i] = out
+                last.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    processor.process(view)
+    if outputs is None:
+        with torch.no_grad():
+            for i in range(n):
+                inputs[i] = view.forward(inputs[i])
+        processor.after(view, inputs)
+        return inputs, None
+    processor.after(view, outputs)
+    return outputs, inputs
 
 
 def _observer(processor: LayerProcessor, name: str, last: dict):

@@ -100,10 +100,10 @@ def compress(
         res = run(model, rec, calibration=cal, device=device, stream=work)
         res.source = models.resolve(model).describe()
         eval_windows = 0  # the compressed model is on disk only; `pocketlm eval OUT` scores it
-    else:
-        m, tok, src = models.load(model, device=device)
-        res = run(m, rec, tokenizer=tok, calibration=cal, device=device)
-        res.source = src.describe()
+    else:  # given the spec, compress loads the model itself (and measures the process without it)
+        res = run(model, rec, calibration=cal, device=device)
+        res.source = models.resolve(model).describe()
+    tok = res.tokenizer
     if eval_windows > 0:
         base, _, _ = models.load(model, device=device)
         r = perplexity(res.model, tok, "wikitext2", eval_len, eval_windows, reference=base)
@@ -188,8 +188,7 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="also write the result as JSON here"),
     task: Optional[str] = typer.Option(None, help="instead of perplexity: zero-shot accuracy on a task (hellaswag)"),
     limit: Optional[int] = typer.Option(None, help="with --task: the first N tasks (default: all)"),
-    stream: bool = typer.Option(False, help="models larger than RAM: run the windows one decoder layer at a "
-                                            "time, each read from the safetensors files (model and reference)"),
+    stream: bool = typer.Option(False, help="larger than RAM: one decoder layer at a time (model and reference)"),
 ):
     """Perplexity (standard protocol) and, with --kl-against, KL divergence and top-1 agreement;
     or with --task, zero-shot accuracy (acc, acc_norm and their standard errors). A GGUF file is
@@ -217,10 +216,7 @@ def eval_cmd(
     _check_context(model, seq_len)
     use_cpp = runtime == "llama.cpp" or (runtime == "auto" and model.endswith(".gguf"))
     if stream:
-        if use_cpp or task is not None:
-            raise PocketError("--stream scores a transformers model's perplexity layer by layer; a GGUF file is "
-                              "already memory-mapped by llama.cpp (drop --stream), and --task does not stream")
-        return _eval_streamed(model, ppl, seq_len, windows, kl_against, models.parse_dtype(dtype), json_out)
+        return _eval_streamed(model, ppl, seq_len, windows, kl_against, dtype, json_out, use_cpp or task is not None)
     if use_cpp:
         from .runtime.llamacpp import LlamaCppScorer
 
@@ -236,25 +232,29 @@ def eval_cmd(
         if task is not None:
             return _zero_shot(zeroshot.TorchChoices(m), tok, task, limit, model, json_out)
     ref = models.load(kl_against, dtype=dtype)[0] if kl_against else None
-    r = perplexity(m, tok, ppl, seq_len, windows, reference=ref)
-    d = r.to_dict()
-    print(json.dumps({"model": model, **d}))
+    _report_eval(model, perplexity(m, tok, ppl, seq_len, windows, reference=ref).to_dict(), json_out)
+
+
+def _report_eval(model: str, result: dict, json_out: Optional[Path]) -> None:
+    print(json.dumps({"model": model, **result}))
     if json_out:
-        _write_json(json_out, {"model": model, **d})
+        _write_json(json_out, {"model": model, **result})
 
 
 def _eval_streamed(model: str, ppl: str, seq_len: int, windows: Optional[int], kl_against: Optional[str], dtype,
-                   json_out: Optional[Path]) -> None:
+                   json_out: Optional[Path], refused: bool) -> None:
+    if refused:
+        raise PocketError("--stream scores a transformers model's perplexity layer by layer; a GGUF file is "
+                          "already memory-mapped by llama.cpp (drop --stream), and --task does not stream")
     from . import models
     from .data import eval_windows
     from .measure import StreamedScorer, evaluate_windows
 
+    dtype = models.parse_dtype(dtype)
     ids = eval_windows(models.load_tokenizer(models.resolve(model)), ppl, seq_len, windows)
     ref = StreamedScorer(kl_against, ids, dtype) if kl_against else None
     r = evaluate_windows(StreamedScorer(model, ids, dtype), ids, reference=ref, corpus=ppl).to_dict()
-    print(json.dumps({"model": model, "streamed": True, **r}))
-    if json_out:
-        _write_json(json_out, {"model": model, "streamed": True, **r})
+    _report_eval(model, {"streamed": True, **r}, json_out)
 
 
 def _check_context(model: str, seq_len: int) -> None:

@@ -11,10 +11,15 @@ from .models import ModelAdapter
 
 
 def param_bytes(module: nn.Module) -> int:
-    """Bytes of a module's parameters, tied ones counted once (meta parameters by their shape)."""
+    """Bytes of a module's parameters, tied ones counted once (meta parameters by their shape;
+    a model whose config ties its head to its embedding counts them once even before the tie)."""
     seen, total = set(), 0
+    head = None
+    if getattr(getattr(module, "config", None), "tie_word_embeddings", False) and hasattr(module, "get_output_embeddings"):
+        out = module.get_output_embeddings()
+        head = getattr(out, "weight", None)
     for p in module.parameters():
-        if id(p) not in seen:
+        if id(p) not in seen and p is not head:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     return total

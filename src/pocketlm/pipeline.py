@@ -115,6 +115,7 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     safetensors files, never whole in memory, each stage's layers written there with a journal;
     a work directory holding a journal resumes that run.
     """
+    rss0 = memory.rss()  # before the model is loaded here: the process without its weights
     source = None
     recipe = resolve_recipe(recipe)
     streamer = None
@@ -139,7 +140,10 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         ctx.calib_windows = calibration
     elif calibration is not None:
         ctx.calibration = calibration
-    predicted = _predict_memory(ctx, recipe, streamer is not None)
+    from .footprint import param_bytes
+
+    base = rss0 if source is not None else max(0, rss0 - param_bytes(model))  # a model handed in: loaded
+    predicted = _predict_memory(ctx, recipe, streamer is not None, base)
     reports: list[dict] = []
     if streamer is not None:
         streamer.records, streamer.restore_records = ctx.records_state, ctx.restore_records
@@ -161,15 +165,14 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     return CompressionResult(ctx.model, tokenizer, recipe, ctx, _spent(reports), reports, source, memory=predicted)
 
 
-def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool) -> dict | None:
-    """The predicted peak of a recipe whose stages all say what they need (None otherwise)."""
-    from .footprint import param_bytes, predict_peak
+def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool, base: int) -> dict | None:
+    """The predicted peak of a recipe whose stages all say what they need (None otherwise);
+    ``base``: the process's resident bytes without the model's weights."""
+    from .footprint import predict_peak
 
     if not recipe.needs_calibration or any(s.memory_bytes({}) is None for s in recipe.stages):
         return None
     n, seq_len = ctx.windows().shape
-    # what the process holds besides the weights (a loaded model's weights are counted apart)
-    base = memory.rss() - (0 if streamed else param_bytes(ctx.model))
     return predict_peak(ctx.model, n, seq_len, recipe.stages, streamed, ctx.calibration.offload, base)
 
 

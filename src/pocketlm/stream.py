@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,9 @@ class Streamer:
     """Reads a skeleton model's parts from ``source`` and writes the transformed ones under
     ``work`` (one safetensors file per decoder layer, one for the rest)."""
 
+    #: least time between two journal entries within a stage (POCKETLM_CHECKPOINT_SECONDS)
+    CHECKPOINT_SECONDS = float(os.environ.get("POCKETLM_CHECKPOINT_SECONDS", "60"))
+
     def __init__(self, model: nn.Module, source: SafetensorsSource, work: "str | os.PathLike | None",
                  device: str = "cpu"):
         """``work`` None: a read-only pass (evaluation): layers are freed, nothing is written."""
@@ -113,6 +117,7 @@ class Streamer:
         self.prefix = _layer_prefix(model, self.layers)
         self.stage = 0  # which stage's shards are being written
         self.resident = False
+        self._journaled = time.monotonic()
         #: set by the pipeline: () -> (summaries, tensors) of the records so far, for the journal
         self.records = None
         #: and (summaries, tensors) -> None, to take them back when a run resumes
@@ -235,9 +240,15 @@ class Streamer:
 
     def checkpoint(self, idx: int, acts, state: dict) -> None:
         """Layer ``idx`` of the current stage is written: keep the activations that enter the
-        next layer, the records so far and the processor's state, then the journal."""
-        if self.work is not None:
-            self._journal(idx + 1, acts, state)
+        next layer, the records so far and the processor's state, then the journal; at most every
+        ``CHECKPOINT_SECONDS`` (and after a stage's last layer), since writing the activations of
+        every layer costs as much as a fraction of the run: a resumed run redoes the layers
+        written after the last journal (their shards are overwritten with the same bytes)."""
+        last = idx + 1 == len(self.layers)
+        if self.work is None or (not last and time.monotonic() - self._journaled < self.CHECKPOINT_SECONDS):
+            return
+        self._journal(idx + 1, acts, state)
+        self._journaled = time.monotonic()
 
     def _journal(self, layers_done: int, acts, state: dict) -> None:
         """The journal is written last, so that it only ever names complete files."""

@@ -73,6 +73,16 @@ class Recover(Stage):
             raise ValueError("bfloat16 optimizer state needs optimizer: adashift (AdamW keeps its moments in float32)")
         return self
 
+    def _param_groups(self, tr, model, lr: float) -> list[dict]:
+        """Grid scales (and offsets) train at ``grid_lr``, everything else (weights, latent
+        weights, LoRA, norms) at ``lr``."""
+        grid, rest = [], []
+        for n, p in tr.named_parameters().items():
+            owner = model.get_submodule(n.rsplit(".", 1)[0])
+            scale = isinstance(owner, (GroupGrid, BlockGrid)) and not n.endswith(".latent")  # latent: a weight
+            (grid if scale else rest).append(p)
+        return [g for g in ({"params": rest, "lr": lr}, {"params": grid, "lr": self.grid_lr}) if g["params"]]
+
     @property
     def steps(self) -> int:
         return max(1, math.ceil(self.tokens / (self.windows_per_step * self.seq_len)))
@@ -109,13 +119,8 @@ class Recover(Stage):
             undo = planner.apply(model, plan.states) if self.recompute else []
         micro = plan.micro_batch if plan else self.windows_per_step
         sdt = plan.state_dtype if plan else ("float32" if self.state_dtype == "auto" else self.state_dtype)
-        grid, rest = [], []
-        for n, p in tr.named_parameters().items():
-            owner = model.get_submodule(n.rsplit(".", 1)[0])
-            scale = isinstance(owner, (GroupGrid, BlockGrid)) and not n.endswith(".latent")  # latent: a weight
-            (grid if scale else rest).append(p)
         lr = self.lr or DEFAULT_LR[self.mode]
-        groups = [g for g in ({"params": rest, "lr": lr}, {"params": grid, "lr": self.grid_lr}) if g["params"]]
+        groups = self._param_groups(tr, model, lr)
         if not groups:
             raise PocketError("nothing to recover: every linear is frozen (K-quant super-blocks are not tuned)")
         cfg = distill.TrainConfig(
