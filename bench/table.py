@@ -167,20 +167,26 @@ def fit_table(rows: list[dict]) -> None:
 
 
 def stream_table(rows: list[dict]) -> None:
-    """Streamed compression under a memory cap against the same compression in memory."""
-    print("| run | memory cap MiB | predicted peak MiB | peak RSS MiB | cgroup peak MiB (page cache included) | "
-          "seconds | output equal to the in-memory run |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    """Streamed compression (under a memory cap where one is given) against the same compression
+    in memory: predicted and measured peaks, time, and whether the outputs are equal."""
+    print("| model | run | memory cap MiB | predicted peak MiB | peak RSS MiB | cgroup peak MiB (page cache "
+          "included) | seconds | output equal to the in-memory run |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
+        model = (f"Llama, {r['layers']} layers, {r['model_bytes'] / 2**30:.2f} GiB float32" if "layers" in r
+                 else f"{r['model']} (GGUF)")
         eq = "–" if "equal_to_in_memory" not in r else \
             f"{'yes' if r['equal_to_in_memory'] else 'NO'} ({r['tensors_compared']} tensors)"
-        run = r["config"] + (f" (killed after {r['killed_after_s']:.0f} s, then --resume)" if "killed_after_s" in r else "")
-        print(f"| {run} | {r.get('cap_mib', 'none')} | {cell('x', r.get('predicted_peak_mib'))} | "
-              f"{r['run_peak_rss_mib']:.0f} | {cell('x', r.get('cgroup_peak_mib'))} | "
-              f"{r['seconds']:.0f} | {eq} |")
+        name = r["config"].removeprefix("smollm2-").rsplit("-", 1)[0] if "layers" in r else \
+            r["config"].removeprefix("smollm2-")
+        if "killed_after_s" in r:
+            name += f" (killed after {r['killed_after_s']:.0f} s, then --resume)"
+        secs = f"{r['seconds']:.0f}" + (f" ({r['time_ratio']:.2f}x)" if "time_ratio" in r else "")
+        print(f"| {model} | {name} | {r.get('cap_mib', 'none')} | {cell('x', r.get('predicted_peak_mib'))} | "
+              f"{r['run_peak_rss_mib']:.0f} | {cell('x', r.get('cgroup_peak_mib'))} | {secs} | {eq} |")
     r = rows[0]
-    print(f"\nModel: {r['layers']} decoder layers, {r['model_bytes'] / 2**30:.2f} GiB of float32 weights; "
-          f"recipe {r['recipe']}; {r['calib_windows']} calibration windows of {r['calib_len']} tokens.")
+    print(f"\nRecipe {r['recipe']}; the Llama runs on {r['calib_windows']} calibration windows of {r['calib_len']} "
+          f"tokens, SmolLM2's on 32 of 2048.")
 
 
 def rope_table(rows: list[dict]) -> None:
