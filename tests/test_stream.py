@@ -252,3 +252,14 @@ def test_the_predicted_peak_is_reported_and_streaming_predicts_less(sharded, win
     assert layer == 4 * (q_o + k_v + mlp + norms)
     wanda = {"name": "w", "stages": [{"method": "wanda", "sparsity": 0.5}]}
     assert pocketlm.compress(str(sharded), wanda, calibration=windows).memory is None  # wanda cannot say
+
+
+def test_param_bytes_counts_a_tied_embedding_once_tied_or_not(tiny_dir):
+    from pocketlm.footprint import param_bytes
+    from pocketlm.stream import skeleton
+
+    model = models.load(str(tiny_dir))[0]
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    want = sum(p.numel() * 4 for p in model.parameters())  # parameters() lists a tied tensor once
+    assert param_bytes(model) == want
+    assert param_bytes(skeleton(model.config)) == want  # before load_resident ties the head

@@ -14,10 +14,10 @@ def param_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters, tied ones counted once (meta parameters by their shape;
     a model whose config ties its head to its embedding counts them once even before the tie)."""
     seen, total = set(), 0
-    head = None
+    head = None  # a head the config ties but that is not (yet) the embedding itself
     if getattr(getattr(module, "config", None), "tie_word_embeddings", False) and hasattr(module, "get_output_embeddings"):
-        out = module.get_output_embeddings()
-        head = getattr(out, "weight", None)
+        out = getattr(module.get_output_embeddings(), "weight", None)
+        head = out if out is not getattr(module.get_input_embeddings(), "weight", None) else None
     for p in module.parameters():
         if id(p) not in seen and p is not head:
             seen.add(id(p))
