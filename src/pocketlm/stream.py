@@ -109,7 +109,6 @@ class Streamer:
         """``work`` None: a read-only pass (evaluation): layers are freed, nothing is written."""
         from .models import ModelAdapter
 
-        memory.return_freed_memory()  # a freed layer goes back to the kernel, not into the heap
         self.model, self.source, self.device = model, source, device
         self.origin = source.folder  # the model's own directory (its side files: generation config)
         self.work = Path(work) if work is not None else None  # made when the first file is written
@@ -132,10 +131,11 @@ class Streamer:
 
     # --- loading --------------------------------------------------------------------------
     def _load(self, module: nn.Module, prefix: str) -> None:
-        for name, p in list(module.named_parameters()):
-            if p.device.type == "meta":
-                full = f"{prefix}.{name}" if prefix else name
-                _set(module, name, self.source.get(full).to(self.device, p.dtype))
+        with memory.mapped_allocations():  # a freed layer goes back to the kernel, not into the heap
+            for name, p in list(module.named_parameters()):
+                if p.device.type == "meta":
+                    full = f"{prefix}.{name}" if prefix else name
+                    _set(module, name, self.source.get(full).to(self.device, p.dtype))
 
     def load_resident(self) -> None:
         """Read every tensor outside the decoder layers (embedding, final norm, head)."""
