@@ -134,13 +134,38 @@ def test_a_stopped_run_resumes_to_the_same_bytes(sharded, windows, in_memory, tm
 @pytest.mark.parametrize("recipe, says", [
     ({"name": "w", "stages": [{"method": "wanda", "sparsity": 0.5}]}, "stage 'wanda' cannot run on a streamed"),
     ({"name": "i", "stages": [{"method": "imatrix", "sequential": False}]}, "use sequential: true"),
-    ({"name": "e", "stages": [{"method": "gptq"}], "export": [{"format": "gguf", "type": "Q8_0"}]},
-     "export it afterwards"),
+    ({"name": "e", "stages": [{"method": "gptq"}], "export": [{"format": "compressed-tensors"}]},
+     "a streamed run exports GGUF only"),
 ])
 def test_what_cannot_stream_is_refused_before_any_work(sharded, windows, tmp_path, recipe, says):
     with pytest.raises(PocketError, match=says):
         pocketlm.compress(str(sharded), recipe, calibration=windows, stream=tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_streamed_run_writes_the_gguf_file_an_in_memory_run_writes(sharded, windows, tmp_path):
+    rec = {**TWO, "export": [{"format": "gguf", "type": "Q8_0", "embed_type": "Q8_0"}]}
+    pocketlm.compress(str(sharded), rec, calibration=windows).save(tmp_path / "mem")
+    pocketlm.compress(str(sharded), rec, calibration=windows, stream=tmp_path / "work").save(tmp_path / "out")
+    mem, out = (tmp_path / d / "model.gguf" for d in ("mem", "out"))
+    assert out.read_bytes() == mem.read_bytes()
+    assert json.loads((tmp_path / "out" / "pocketlm.json").read_text())["exports"]["model.gguf"]["bytes"] == \
+        mem.stat().st_size
+
+
+def test_a_streamed_export_never_loads_the_model_and_writes_the_same_bytes(in_memory, tmp_path, monkeypatch):
+    from pocketlm.export import run_export
+
+    run_export(str(in_memory["two"]), "gguf", tmp_path / "mem.gguf", qtype="Q8_0")
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the streamed export loaded the model"))
+    got = []
+    real = S.SafetensorsSource.get
+    monkeypatch.setattr(S.SafetensorsSource, "get", lambda self, name: got.append(name) or real(self, name))
+    run_export(str(in_memory["two"]), "gguf", tmp_path / "out.gguf", qtype="Q8_0", stream=True)
+    assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+    assert len(got) == len(set(got)) > 4 * 9  # every tensor read once, one at a time
+    with pytest.raises(PocketError, match="exports GGUF only"):
+        run_export(str(in_memory["two"]), "compressed-tensors", tmp_path / "ct", stream=True)
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])

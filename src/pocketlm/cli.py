@@ -215,6 +215,8 @@ def export(
     out_file: Path = typer.Option(..., "--out", help="the .gguf file (or, for compressed-tensors, the directory) "
                                                      "to write, atomically"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    stream: bool = typer.Option(False, help="GGUF: never hold the model, read and write one tensor at a time "
+                                            "(models larger than RAM)"),
 ):
     """Write MODEL as a GGUF file llama.cpp runs, or as a packed compressed-tensors checkpoint;
     quantized linears keep the codes their quantizer chose."""
@@ -223,7 +225,7 @@ def export(
     if fmt not in ("gguf", "compressed-tensors"):
         raise PocketError(f"unknown --format '{fmt}'; supported: gguf, compressed-tensors")
     check_output(out_file, overwrite, "file" if fmt == "gguf" else "dir", inputs=_local_inputs(model))
-    report = run_export(model, fmt, out_file, qtype=qtype, embed_type=embed_type, overwrite=overwrite)
+    report = run_export(model, fmt, out_file, qtype=qtype, embed_type=embed_type, overwrite=overwrite, stream=stream)
     out.print(f"wrote {out_file} ({_bytes(report['bytes'])}); " +
               ", ".join(f"{k}: {v}" for k, v in report.items() if k != "bytes"))
 

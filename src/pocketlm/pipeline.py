@@ -94,8 +94,14 @@ class CompressionResult:
             src = where.describe() if where.kind == "gguf" else None
         for target in self.recipe.export:
             path = target.out_path(tmp)
+            tensors = None
+            if self.context.stream is not None:  # read back from the shards just moved in, one at a time
+                from .stream import SafetensorsSource, streamed_tensors
+
+                tensors = streamed_tensors(self.model, SafetensorsSource(tmp))
             rep = export_model(self.model, self.tokenizer, self.context.quant, target.format, path, target.type,
-                               target.embed_type, source_gguf=src, source_dir=tmp, name=self.recipe.name)
+                               target.embed_type, source_gguf=src, source_dir=tmp, name=self.recipe.name,
+                               tensors=tensors)
             done[str(path.relative_to(tmp))] = {"format": target.format, **rep}
         return done
 
@@ -186,9 +192,9 @@ def _check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
             raise PocketError(f"stage '{s.method}' cannot run on a streamed model: {why}; streaming runs gptq and "
                               f"imatrix (the others need the model loaded whole, without --stream: {need:.1f} GiB "
                               "of weights plus the method's working memory)")
-    if recipe.export:
-        raise PocketError("a streamed run writes the transformers directory only; export it afterwards with "
-                          "`pocketlm export OUT --format ...` (drop the recipe's export section)")
+    if any(t.format != "gguf" for t in recipe.export):
+        raise PocketError("a streamed run exports GGUF only (tensor by tensor); drop the compressed-tensors export "
+                          "and run `pocketlm export OUT --format compressed-tensors` on a machine that holds the model")
 
 
 def _spent(reports: list[dict]) -> float:

@@ -292,6 +292,19 @@ class Streamer:
         return j["state"]
 
 
+def streamed_tensors(model: nn.Module, source):
+    """(name, tensor) of every entry of ``model.state_dict()`` (a skeleton's: its order and names),
+    each read from ``source`` only when asked for; a tied head the source leaves to its embedding
+    is skipped (writers that tie it skip it anyway)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name in model.state_dict():
+        if name not in source:
+            if tied and name == "lm_head.weight":
+                continue
+            raise PocketError(f"the model's weights have no tensor {name}; they do not match its config")
+        yield name, source.get(name)
+
+
 def open_streamed(spec: str, work: "str | os.PathLike | None", dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(skeleton model, tokenizer, source, Streamer) for a model given by ``spec`` (a transformers
     directory with safetensors weights, a hub id, downloaded first, or a GGUF file, its tensors
