@@ -181,9 +181,11 @@ def gguf_file(request, tmp_path_factory):
     return path
 
 
-def test_gguf_source_reads_each_tensor_as_the_gguf_loader_does(gguf_file):
+@pytest.mark.parametrize("rows", [4096, 3], ids=["whole", "blocks-of-3-rows"])
+def test_gguf_source_reads_each_tensor_as_the_gguf_loader_does(gguf_file, rows, monkeypatch):
     from pocketlm.gguf_tensors import GGUFSource
 
+    monkeypatch.setattr(GGUFSource, "ROWS", rows)
     model = models.load(str(gguf_file))[0]
     src = GGUFSource(str(gguf_file), model.config)
     state = model.state_dict()
@@ -288,3 +290,17 @@ def test_param_bytes_counts_a_tied_embedding_once_tied_or_not(tiny_dir):
     want = sum(p.numel() * 4 for p in model.parameters())  # parameters() lists a tied tensor once
     assert param_bytes(model) == want
     assert param_bytes(skeleton(model.config)) == want  # before load_resident ties the head
+
+
+def test_the_process_part_is_measured_once_the_windows_are_drawn_without_loaded_weights(sharded, windows, tmp_path,
+                                                                                        monkeypatch):
+    from pocketlm import memory
+    from pocketlm.footprint import loaded_bytes, param_bytes
+
+    monkeypatch.setattr(memory, "rss", lambda: 2**30)
+    mem = pocketlm.compress(str(sharded), GPTQ, calibration=windows)
+    streamed = pocketlm.compress(str(sharded), GPTQ, calibration=windows, stream=tmp_path / "work")
+    assert mem.memory["process"] == 2**30 - param_bytes(mem.model)  # the loaded weights are their own part
+    assert streamed.memory["process"] == 2**30  # nothing loaded yet: the skeleton is on meta
+    skel = S.skeleton(mem.model.config)
+    assert loaded_bytes(skel) == 0 and loaded_bytes(mem.model) == param_bytes(mem.model)

@@ -25,6 +25,16 @@ def param_bytes(module: nn.Module) -> int:
     return total
 
 
+def loaded_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters actually in memory (not on ``meta``), shared ones counted once."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.device.type != "meta" and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
 def predict_peak(model: nn.Module, n_windows: int, seq_len: int, stages: list, streamed: bool,
                  offload: bool, base: int) -> dict:
     """Predicted peak resident bytes, by part (``base``: the process's resident bytes now)."""

@@ -121,7 +121,6 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     safetensors files, never whole in memory, each stage's layers written there with a journal;
     a work directory holding a journal resumes that run.
     """
-    rss0 = memory.rss()  # before the model is loaded here: the process without its weights
     source = None
     recipe = resolve_recipe(recipe)
     streamer = None
@@ -146,10 +145,7 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         ctx.calib_windows = calibration
     elif calibration is not None:
         ctx.calibration = calibration
-    from .footprint import param_bytes
-
-    base = rss0 if source is not None else max(0, rss0 - param_bytes(model))  # a model handed in: loaded
-    predicted = _predict_memory(ctx, recipe, streamer is not None, base)
+    predicted = _predict_memory(ctx, recipe, streamer is not None)
     reports: list[dict] = []
     if streamer is not None:
         streamer.records, streamer.restore_records = ctx.records_state, ctx.restore_records
@@ -171,14 +167,17 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     return CompressionResult(ctx.model, tokenizer, recipe, ctx, _spent(reports), reports, source, memory=predicted)
 
 
-def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool, base: int) -> dict | None:
-    """The predicted peak of a recipe whose stages all say what they need (None otherwise);
-    ``base``: the process's resident bytes without the model's weights."""
-    from .footprint import predict_peak
+def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool) -> dict | None:
+    """The predicted peak of a recipe whose stages all say what they need (None otherwise). The
+    process part is measured once the calibration windows are drawn, without the weights loaded
+    so far: the tokenizer, the windows and what loading left behind are in it."""
+    from .footprint import loaded_bytes, predict_peak
 
     if not recipe.needs_calibration or any(s.memory_bytes({}) is None for s in recipe.stages):
         return None
     n, seq_len = ctx.windows().shape
+    memory.trim()
+    base = max(0, memory.rss() - loaded_bytes(ctx.model))
     return predict_peak(ctx.model, n, seq_len, recipe.stages, streamed, ctx.calibration.offload, base)
 
 
