@@ -304,3 +304,26 @@ def test_the_process_part_is_measured_once_the_windows_are_drawn_without_loaded_
     assert streamed.memory["process"] == 2**30  # nothing loaded yet: the skeleton is on meta
     skel = S.skeleton(mem.model.config)
     assert loaded_bytes(skel) == 0 and loaded_bytes(mem.model) == param_bytes(mem.model)
+
+
+def test_cli_streams_by_itself_when_the_model_would_not_fit(sharded, tmp_path, monkeypatch):
+    from pocketlm import memory
+
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    args = ["compress", str(sharded), "--calib-windows", "2", "--calib-len", "32", "--calib-text", str(tmp_path / "c.txt")]
+    gptq = tmp_path / "g.yaml"
+    gptq.write_text("name: g\nstages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n")
+    load = models.load
+    monkeypatch.setattr(memory, "available", lambda: 10_000)  # bytes: no model fits
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded whole"))
+    code, text = run_cli([*args, "--recipe", gptq, "--out", tmp_path / "out"])
+    assert code == 0, text
+    man = json.loads((tmp_path / "out" / "pocketlm.json").read_text())
+    monkeypatch.setattr(models, "load", load)
+    assert man["memory"]["weights"] < sum(p.numel() * 4 for p in load(str(sharded))[0].parameters())
+    assert not (tmp_path / "out.stream-work").exists()
+    wanda = tmp_path / "w.yaml"  # cannot stream: warned, and run in memory
+    wanda.write_text("name: w\nstages:\n  - method: wanda\n    sparsity: 0.5\n")
+    code, text = run_cli([*args, "--recipe", wanda, "--out", tmp_path / "w", "--eval-windows", "0"])
+    assert code == 0, text
+    assert (tmp_path / "w" / "pocketlm.json").is_file() and not (tmp_path / "w.stream-work").exists()

@@ -52,8 +52,17 @@ def predict_peak(model: nn.Module, n_windows: int, seq_len: int, stages: list, s
         if len(layers) else {}
     held, transient = 0, 0
     for s in stages:
-        h, t = s.memory_bytes(shapes)
+        h, t = s.memory_bytes(shapes) or (0, 0)  # a stage that cannot say counts nothing here
         held, transient = max(held, h), max(transient, t)
     parts = {"process": base, "weights": weights, "activations": acts, "method_held": held,
              "forward_or_method_transient": max(forward, transient)}
     return {**parts, "predicted_peak_bytes": sum(parts.values())}
+
+
+def in_memory_need(config, stages: list, n_windows: int, seq_len: int, offload: bool) -> int:
+    """Bytes an in-memory run of ``stages`` would add to this process (its weights in float32,
+    activations, one layer's forward and method buffers), from the config alone: a lower bound
+    where a stage cannot say what it needs."""
+    from .stream import skeleton
+
+    return predict_peak(skeleton(config), n_windows, seq_len, stages, False, offload, 0)["predicted_peak_bytes"]

@@ -131,7 +131,7 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
 
         source = model
         model, tokenizer, _, streamer = open_streamed(model, stream, device=device)
-        _check_streamable(recipe, model)
+        check_streamable(recipe, model)
     elif isinstance(model, str):
         source = model
         model, tokenizer, _ = models.load(model, device=device)
@@ -181,7 +181,7 @@ def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool) -> dict | None
     return predict_peak(ctx.model, n, seq_len, recipe.stages, streamed, ctx.calibration.offload, base)
 
 
-def _check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
+def check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
     """Refuse, before any work, a recipe a streamed model cannot run (saying what memory the
     in-memory run needs instead)."""
     need = sum(p.numel() * p.element_size() for p in skeleton.parameters()) / 2**30
