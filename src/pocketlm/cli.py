@@ -98,14 +98,12 @@ def compress(
     device = models.check_device(device)
     t0 = time.perf_counter()
     cal = CalibrationConfig(windows=calib_windows, seq_len=calib_len, text=calib_text, seed=seed, offload=offload)
-    if stream or resume or _too_big_for_memory(model, rec, cal):
-        work = _stream_work(out_dir, resume)
-        res = run(model, rec, calibration=cal, device=device, stream=work)
-        res.source = models.resolve(model).describe()
+    streamed = stream or resume or _too_big_for_memory(model, rec, cal)
+    # given the spec, compress loads (or streams) the model itself
+    res = run(model, rec, calibration=cal, device=device, stream=_stream_work(out_dir, resume) if streamed else None)
+    res.source = models.resolve(model).describe()
+    if streamed:
         eval_windows = 0  # the compressed model is on disk only; `pocketlm eval OUT` scores it
-    else:  # given the spec, compress loads the model itself (and measures the process without it)
-        res = run(model, rec, calibration=cal, device=device)
-        res.source = models.resolve(model).describe()
     tok = res.tokenizer
     if eval_windows > 0:
         base, _, _ = models.load(model, device=device)
