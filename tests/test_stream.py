@@ -36,6 +36,22 @@ def test_journal_entries_are_spaced_in_time_but_every_stage_ends_with_one(sharde
     assert entries == [(0, 4), (1, 0), (1, 4), (2, 0)]  # the default spacing (a minute) outlasts this run
 
 
+def test_the_journal_writes_each_record_once(sharded, windows, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setattr(S.Streamer, "CHECKPOINT_SECONDS", 0.0)  # a journal entry after every layer
+    monkeypatch.setattr(S.Streamer, "close", lambda self: None)  # keep the work files to look at
+    res = pocketlm.compress(str(sharded), TWO, calibration=windows, stream=tmp_path / "work")
+    res.save(tmp_path / "out")
+    files = json.loads((tmp_path / "work" / S.JOURNAL).read_text())["record_files"]
+    keys = []
+    for f in files:
+        with safe_open(str(tmp_path / "work" / f), "pt") as h:
+            keys += list(h.keys())
+    assert len(files) == 8 and len(keys) == len(set(keys))  # one file per layer of each stage
+    assert sorted(keys) == sorted(k for n, r in res.context.quant.items() for k in r.saved_tensors(n))
+
+
 @pytest.fixture(scope="module")
 def windows():
     return torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))

@@ -148,7 +148,7 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     predicted = _predict_memory(ctx, recipe, streamer is not None)
     reports: list[dict] = []
     if streamer is not None:
-        streamer.records, streamer.restore_records = ctx.records_state, ctx.restore_records
+        streamer.records, streamer.restore_records = (lambda: ctx.quant), ctx.restore_records
         streamer.restore_run()
         reports = streamer.reports
     for k, stage in enumerate(recipe.stages):
