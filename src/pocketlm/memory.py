@@ -38,11 +38,11 @@ def _read_int(path: Path) -> int | None:
         return None  # "max" (no limit), or no such file
 
 
-def _cgroup_room() -> int | None:
+def _cgroup_room(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
     """Bytes left under this process's memory cgroup limit (v1 or v2), page cache counted as
     free; None without a limit."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = proc.read_text().splitlines()
     except OSError:
         return None
     for line in lines:
@@ -50,7 +50,7 @@ def _cgroup_room() -> int | None:
         v1 = "memory" in controllers.split(",")
         if not v1 and controllers:
             continue
-        d = Path("/sys/fs/cgroup/memory" if v1 else "/sys/fs/cgroup") / rel.lstrip("/")
+        d = (root / "memory" if v1 else root) / rel.lstrip("/")
         limit = _read_int(d / ("memory.limit_in_bytes" if v1 else "memory.max"))
         used = _read_int(d / ("memory.usage_in_bytes" if v1 else "memory.current"))
         if limit is None or used is None or limit >= 2**60:
