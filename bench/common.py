@@ -91,14 +91,32 @@ def _provenance() -> dict:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
-    return {"commit": commit, "versions": versions}
+    return {"commit": commit, "versions": versions, "machine": _machine()}
+
+
+def _machine() -> dict:
+    """What a result's speed depends on: CPU model, cores, RAM, OS."""
+    import platform
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in _lines("/proc/cpuinfo") if ln.startswith("model name")),
+               platform.processor() or platform.machine())
+    ram = next((int(ln.split()[1]) * 1024 for ln in _lines("/proc/meminfo") if ln.startswith("MemTotal:")), None)
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram / 2**30, 1) if ram else None,
+            "os": platform.platform()}
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        return Path(path).read_text().splitlines()
+    except OSError:
+        return []
 
 
 _PROVENANCE = _provenance()
 
 
 def emit(record: dict) -> str:
-    """Print one result as a JSON line (with peak RSS, threads, commit, versions and date) and
+    """Print one result as a JSON line (with peak RSS, threads, commit, versions, machine and date) and
     return the line."""
     record["peak_rss_mib"] = round(peak_rss_mib(), 1)
     record["threads"] = __import__("torch").get_num_threads()
