@@ -184,9 +184,9 @@ def stream_table(rows: list[dict]) -> None:
         secs = f"{r['seconds']:.0f}" + (f" ({r['time_ratio']:.2f}x)" if "time_ratio" in r else "")
         print(f"| {model} | {name} | {r.get('cap_mib', 'none')} | {cell('x', r.get('predicted_peak_mib'))} | "
               f"{r['run_peak_rss_mib']:.0f} | {cell('x', r.get('cgroup_peak_mib'))} | {secs} | {eq} |")
-    r = rows[0]
-    print(f"\nRecipe {r['recipe']}; the Llama runs on {r['calib_windows']} calibration windows of {r['calib_len']} "
-          f"tokens, SmolLM2's on 32 of 2048.")
+    said = {("Llama" if "layers" in r else "SmolLM2"): f"{r['calib_windows']} x {r['calib_len']}" for r in rows}
+    print(f"\nRecipe {rows[0]['recipe']}; calibration windows x tokens: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(said.items())) + ".")
 
 
 def rope_table(rows: list[dict]) -> None:

@@ -36,6 +36,22 @@ def test_journal_entries_are_spaced_in_time_but_every_stage_ends_with_one(sharde
     assert entries == [(0, 4), (1, 0), (1, 4), (2, 0)]  # the default spacing (a minute) outlasts this run
 
 
+def test_the_journal_writes_each_record_once(sharded, windows, tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    monkeypatch.setattr(S.Streamer, "CHECKPOINT_SECONDS", 0.0)  # a journal entry after every layer
+    monkeypatch.setattr(S.Streamer, "close", lambda self: None)  # keep the work files to look at
+    res = pocketlm.compress(str(sharded), TWO, calibration=windows, stream=tmp_path / "work")
+    res.save(tmp_path / "out")
+    files = json.loads((tmp_path / "work" / S.JOURNAL).read_text())["record_files"]
+    keys = []
+    for f in files:
+        with safe_open(str(tmp_path / "work" / f), "pt") as h:
+            keys += list(h.keys())
+    assert len(files) == 8 and len(keys) == len(set(keys))  # one file per layer of each stage
+    assert sorted(keys) == sorted(k for n, r in res.context.quant.items() for k in r.saved_tensors(n))
+
+
 @pytest.fixture(scope="module")
 def windows():
     return torch.randint(0, 200, (4, 32), generator=torch.Generator().manual_seed(0))
@@ -134,13 +150,38 @@ def test_a_stopped_run_resumes_to_the_same_bytes(sharded, windows, in_memory, tm
 @pytest.mark.parametrize("recipe, says", [
     ({"name": "w", "stages": [{"method": "wanda", "sparsity": 0.5}]}, "stage 'wanda' cannot run on a streamed"),
     ({"name": "i", "stages": [{"method": "imatrix", "sequential": False}]}, "use sequential: true"),
-    ({"name": "e", "stages": [{"method": "gptq"}], "export": [{"format": "gguf", "type": "Q8_0"}]},
-     "export it afterwards"),
+    ({"name": "e", "stages": [{"method": "gptq"}], "export": [{"format": "compressed-tensors"}]},
+     "a streamed run exports GGUF only"),
 ])
 def test_what_cannot_stream_is_refused_before_any_work(sharded, windows, tmp_path, recipe, says):
     with pytest.raises(PocketError, match=says):
         pocketlm.compress(str(sharded), recipe, calibration=windows, stream=tmp_path / "work")
     assert not (tmp_path / "work").exists()
+
+
+def test_a_streamed_run_writes_the_gguf_file_an_in_memory_run_writes(sharded, windows, tmp_path):
+    rec = {**TWO, "export": [{"format": "gguf", "type": "Q8_0", "embed_type": "Q8_0"}]}
+    pocketlm.compress(str(sharded), rec, calibration=windows).save(tmp_path / "mem")
+    pocketlm.compress(str(sharded), rec, calibration=windows, stream=tmp_path / "work").save(tmp_path / "out")
+    mem, out = (tmp_path / d / "model.gguf" for d in ("mem", "out"))
+    assert out.read_bytes() == mem.read_bytes()
+    assert json.loads((tmp_path / "out" / "pocketlm.json").read_text())["exports"]["model.gguf"]["bytes"] == \
+        mem.stat().st_size
+
+
+def test_a_streamed_export_never_loads_the_model_and_writes_the_same_bytes(in_memory, tmp_path, monkeypatch):
+    from pocketlm.export import run_export
+
+    run_export(str(in_memory["two"]), "gguf", tmp_path / "mem.gguf", qtype="Q8_0")
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the streamed export loaded the model"))
+    got = []
+    real = S.SafetensorsSource.get
+    monkeypatch.setattr(S.SafetensorsSource, "get", lambda self, name: got.append(name) or real(self, name))
+    run_export(str(in_memory["two"]), "gguf", tmp_path / "out.gguf", qtype="Q8_0", stream=True)
+    assert (tmp_path / "out.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+    assert len(got) == len(set(got)) > 4 * 9  # every tensor read once, one at a time
+    with pytest.raises(PocketError, match="exports GGUF only"):
+        run_export(str(in_memory["two"]), "compressed-tensors", tmp_path / "ct", stream=True)
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
@@ -156,9 +197,11 @@ def gguf_file(request, tmp_path_factory):
     return path
 
 
-def test_gguf_source_reads_each_tensor_as_the_gguf_loader_does(gguf_file):
+@pytest.mark.parametrize("rows", [4096, 3], ids=["whole", "blocks-of-3-rows"])
+def test_gguf_source_reads_each_tensor_as_the_gguf_loader_does(gguf_file, rows, monkeypatch):
     from pocketlm.gguf_tensors import GGUFSource
 
+    monkeypatch.setattr(GGUFSource, "ROWS", rows)
     model = models.load(str(gguf_file))[0]
     src = GGUFSource(str(gguf_file), model.config)
     state = model.state_dict()
@@ -263,3 +306,40 @@ def test_param_bytes_counts_a_tied_embedding_once_tied_or_not(tiny_dir):
     want = sum(p.numel() * 4 for p in model.parameters())  # parameters() lists a tied tensor once
     assert param_bytes(model) == want
     assert param_bytes(skeleton(model.config)) == want  # before load_resident ties the head
+
+
+def test_the_process_part_is_measured_once_the_windows_are_drawn_without_loaded_weights(sharded, windows, tmp_path,
+                                                                                        monkeypatch):
+    from pocketlm import memory
+    from pocketlm.footprint import loaded_bytes, param_bytes
+
+    monkeypatch.setattr(memory, "rss", lambda: 2**30)
+    mem = pocketlm.compress(str(sharded), GPTQ, calibration=windows)
+    streamed = pocketlm.compress(str(sharded), GPTQ, calibration=windows, stream=tmp_path / "work")
+    assert mem.memory["process"] == 2**30 - param_bytes(mem.model)  # the loaded weights are their own part
+    assert streamed.memory["process"] == 2**30  # nothing loaded yet: the skeleton is on meta
+    skel = S.skeleton(mem.model.config)
+    assert loaded_bytes(skel) == 0 and loaded_bytes(mem.model) == param_bytes(mem.model)
+
+
+def test_cli_streams_by_itself_when_the_model_would_not_fit(sharded, tmp_path, monkeypatch):
+    from pocketlm import memory
+
+    (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
+    args = ["compress", str(sharded), "--calib-windows", "2", "--calib-len", "32", "--calib-text", str(tmp_path / "c.txt")]
+    gptq = tmp_path / "g.yaml"
+    gptq.write_text("name: g\nstages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n")
+    load = models.load
+    monkeypatch.setattr(memory, "available", lambda: 10_000)  # bytes: no model fits
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("the model was loaded whole"))
+    code, text = run_cli([*args, "--recipe", gptq, "--out", tmp_path / "out"])
+    assert code == 0, text
+    man = json.loads((tmp_path / "out" / "pocketlm.json").read_text())
+    monkeypatch.setattr(models, "load", load)
+    assert man["memory"]["weights"] < sum(p.numel() * 4 for p in load(str(sharded))[0].parameters())
+    assert not (tmp_path / "out.stream-work").exists()
+    wanda = tmp_path / "w.yaml"  # cannot stream: warned, and run in memory
+    wanda.write_text("name: w\nstages:\n  - method: wanda\n    sparsity: 0.5\n")
+    code, text = run_cli([*args, "--recipe", wanda, "--out", tmp_path / "w", "--eval-windows", "0"])
+    assert code == 0, text
+    assert (tmp_path / "w" / "pocketlm.json").is_file() and not (tmp_path / "w.stream-work").exists()

@@ -115,9 +115,9 @@ class LayerProcessor:
     def after(self, layer: LayerView, outputs: ActivationStore) -> None:
         """Called with the layer's final outputs (e.g. for layer-similarity statistics)."""
 
-    def finish(self, adapter: ModelAdapter, hidden: ActivationStore) -> None:
+    def finish(self, adapter: ModelAdapter, hidden: ActivationStore) -> "ActivationStore | None":
         """Called once with the last layer's outputs (before the final norm), e.g. for statistics
-        of the output head's inputs."""
+        of the output head's inputs; returning ``hidden`` keeps it (the engine does not close it)."""
 
     def state(self) -> dict:
         """What the processor carries from layer to layer (JSON-able), for a resumable run."""
@@ -200,6 +200,7 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
         ActivationStore(n, seq_len, model.config.hidden_size, model.dtype, offload)
     n_layers = len(adapter.layers)
     start = stream.resumes_layers() if stream is not None else 0
+    kept = None
     if start:
         processor.restore(stream.resume(inputs))
     try:
@@ -216,9 +217,10 @@ def run_layerwise(model: nn.Module, windows: torch.Tensor, processor: LayerProce
                     stream.finish_layer(idx)
                     stream.checkpoint(idx, inputs, processor.state())
                 advance(n, note=f"{idx + 1}/{n_layers}")
-        processor.finish(adapter, inputs)
+        kept = processor.finish(adapter, inputs)
     finally:
-        inputs.close()
+        if inputs is not kept:
+            inputs.close()
         if outputs is not None:
             outputs.close()
 

@@ -73,7 +73,8 @@ def compress(
     device: str = typer.Option("cpu", help="where to compress: cpu, cuda or cuda:N"),
     stream: bool = typer.Option(False, help="never hold the whole model: read each decoder layer from the "
                                             "safetensors files when its turn comes, write it when done "
-                                            "(models larger than RAM; work files in OUT.stream-work)"),
+                                            "(models larger than RAM; work files in OUT.stream-work); "
+                                            "chosen by itself when an in-memory run would not fit"),
     resume: bool = typer.Option(False, help="with --stream: continue a stopped run from its work files"),
 ):
     """Compress MODEL with a recipe or preset and write it to --out, with pocketlm.json."""
@@ -97,14 +98,12 @@ def compress(
     device = models.check_device(device)
     t0 = time.perf_counter()
     cal = CalibrationConfig(windows=calib_windows, seq_len=calib_len, text=calib_text, seed=seed, offload=offload)
-    if stream or resume:
-        work = _stream_work(out_dir, resume)
-        res = run(model, rec, calibration=cal, device=device, stream=work)
-        res.source = models.resolve(model).describe()
+    streamed = stream or resume or _too_big_for_memory(model, rec, cal)
+    # given the spec, compress loads (or streams) the model itself
+    res = run(model, rec, calibration=cal, device=device, stream=_stream_work(out_dir, resume) if streamed else None)
+    res.source = models.resolve(model).describe()
+    if streamed:
         eval_windows = 0  # the compressed model is on disk only; `pocketlm eval OUT` scores it
-    else:  # given the spec, compress loads the model itself (and measures the process without it)
-        res = run(model, rec, calibration=cal, device=device)
-        res.source = models.resolve(model).describe()
     tok = res.tokenizer
     if eval_windows > 0:
         base, _, _ = models.load(model, device=device)
@@ -114,6 +113,31 @@ def compress(
     path = res.save(out_dir, overwrite=overwrite)
     man = outdir.manifest(path)
     _summary(model, rec.name, man, time.perf_counter() - t0, path)
+
+
+def _too_big_for_memory(model: str, rec, cal) -> bool:
+    """True (said on the console) when the in-memory run's predicted peak exceeds the memory this
+    process can still take and the recipe can stream; a recipe that cannot is warned about."""
+    from . import memory, models
+    from .footprint import in_memory_need
+    from .pipeline import check_streamable
+    from .stream import skeleton
+
+    avail = memory.available()
+    if avail is None:
+        return False
+    config = models.load_config(model)
+    need = in_memory_need(config, rec.stages, cal.windows, cal.seq_len, cal.offload)
+    if need <= avail:
+        return False
+    said = f"an in-memory run needs about {need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB is available"
+    try:
+        check_streamable(rec, skeleton(config))
+    except PocketError as e:
+        out.print(f"[yellow]warning:[/yellow] {said}, and it cannot stream ({e}); running in memory")
+        return False
+    out.print(f"{said}: streaming the model layer by layer (as --stream)")
+    return True
 
 
 def _stream_work(out_dir: Path, resume: bool) -> Path:
@@ -215,6 +239,8 @@ def export(
     out_file: Path = typer.Option(..., "--out", help="the .gguf file (or, for compressed-tensors, the directory) "
                                                      "to write, atomically"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    stream: bool = typer.Option(False, help="GGUF: never hold the model, read and write one tensor at a time "
+                                            "(models larger than RAM)"),
 ):
     """Write MODEL as a GGUF file llama.cpp runs, or as a packed compressed-tensors checkpoint;
     quantized linears keep the codes their quantizer chose."""
@@ -223,7 +249,7 @@ def export(
     if fmt not in ("gguf", "compressed-tensors"):
         raise PocketError(f"unknown --format '{fmt}'; supported: gguf, compressed-tensors")
     check_output(out_file, overwrite, "file" if fmt == "gguf" else "dir", inputs=_local_inputs(model))
-    report = run_export(model, fmt, out_file, qtype=qtype, embed_type=embed_type, overwrite=overwrite)
+    report = run_export(model, fmt, out_file, qtype=qtype, embed_type=embed_type, overwrite=overwrite, stream=stream)
     out.print(f"wrote {out_file} ({_bytes(report['bytes'])}); " +
               ", ".join(f"{k}: {v}" for k, v in report.items() if k != "bytes"))
 

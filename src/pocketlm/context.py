@@ -178,13 +178,6 @@ class Context:
 
         self.quant, self.masks, self.dense = move(self.quant), move(self.masks), move(self.dense)
 
-    def records_state(self) -> tuple[dict, dict]:
-        """The quantizer records as (summaries, tensors), as ``save`` writes them (for a journal)."""
-        tensors = {}
-        for n, r in self.quant.items():
-            tensors.update(r.saved_tensors(n))
-        return {n: r.summary() for n, r in self.quant.items()}, tensors
-
     def restore_records(self, summaries: dict, tensors: dict) -> None:
         self.quant = {n: QuantRecord.from_saved(s, tensors, n) for n, s in summaries.items()}
 

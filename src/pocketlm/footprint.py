@@ -25,6 +25,16 @@ def param_bytes(module: nn.Module) -> int:
     return total
 
 
+def loaded_bytes(module: nn.Module) -> int:
+    """Bytes of the parameters actually in memory (not on ``meta``), shared ones counted once."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.device.type != "meta" and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
 def predict_peak(model: nn.Module, n_windows: int, seq_len: int, stages: list, streamed: bool,
                  offload: bool, base: int) -> dict:
     """Predicted peak resident bytes, by part (``base``: the process's resident bytes now)."""
@@ -42,8 +52,17 @@ def predict_peak(model: nn.Module, n_windows: int, seq_len: int, stages: list, s
         if len(layers) else {}
     held, transient = 0, 0
     for s in stages:
-        h, t = s.memory_bytes(shapes)
+        h, t = s.memory_bytes(shapes) or (0, 0)  # a stage that cannot say counts nothing here
         held, transient = max(held, h), max(transient, t)
     parts = {"process": base, "weights": weights, "activations": acts, "method_held": held,
              "forward_or_method_transient": max(forward, transient)}
     return {**parts, "predicted_peak_bytes": sum(parts.values())}
+
+
+def in_memory_need(config, stages: list, n_windows: int, seq_len: int, offload: bool) -> int:
+    """Bytes an in-memory run of ``stages`` would add to this process (its weights in float32,
+    activations, one layer's forward and method buffers), from the config alone: a lower bound
+    where a stage cannot say what it needs."""
+    from .stream import skeleton
+
+    return predict_peak(skeleton(config), n_windows, seq_len, stages, False, offload, 0)["predicted_peak_bytes"]

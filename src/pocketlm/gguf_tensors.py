@@ -9,6 +9,7 @@ stored plus one. ``to_gguf`` / ``from_gguf`` apply these and their inverses.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .errors import PocketError
@@ -58,11 +59,14 @@ class GGUFSource:
     """Tensors of a GGUF file under their transformers names, each dequantized to float32 only
     when asked for (the file is memory-mapped; nothing else is read)."""
 
+    ROWS = 4096  # rows dequantized at a time
+
     def __init__(self, path: str, config):
         from gguf import GGUFReader
 
         self.path, self.config = path, config
-        self.tensors = {t.name: t for t in GGUFReader(path).tensors}
+        self.reader = GGUFReader(path)
+        self.tensors = {t.name: t for t in self.reader.tensors}
         self.tmap = name_map(config)
         self.folder = None  # no side files (a generation config) to carry over
 
@@ -80,11 +84,25 @@ class GGUFSource:
         if g is None:
             raise PocketError(f"{self.path} has no tensor for {name}; the file does not match its metadata")
         t = self.tensors[g]
-        x = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32", copy=False).copy())
-        x = x.reshape([int(v) for v in reversed(t.shape)])  # GGUF lists dimensions fastest first
+        shape = [int(v) for v in reversed(t.shape)]  # GGUF lists dimensions fastest first
+        raw = t.data.reshape(shape[0], -1) if len(shape) > 1 else t.data.reshape(1, -1)
+        out = np.empty((raw.shape[0], int(np.prod(shape)) // raw.shape[0]), dtype=np.float32)
+        for r in range(0, raw.shape[0], self.ROWS):  # in row blocks: dequantize's temporaries stay small
+            out[r:r + self.ROWS] = dequantize(raw[r:r + self.ROWS], t.tensor_type).reshape(-1, out.shape[1])
+        x = torch.from_numpy(out).reshape(shape)
         n_head = permuted_heads(self.config, name)
         if n_head:
             x = rope_unpermute(x, n_head)
         if x.dim() == 1 and g.endswith("norm.weight") and self.config.model_type in UNIT_OFFSET_NORMS:
             x = x - 1.0
+        self._drop_pages()
         return x
+
+    def _drop_pages(self) -> None:
+        """Unmap the file pages read so far from this process (the page cache keeps them), so
+        that its resident memory does not grow to the whole file as the layers are read."""
+        import mmap
+
+        raw = getattr(self.reader.data, "_mmap", None)
+        if raw is not None and hasattr(raw, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+            raw.madvise(mmap.MADV_DONTNEED)

@@ -136,7 +136,7 @@ class StreamedScorer:
         from .stream import open_streamed
 
         model, _, _, streamer = open_streamed(spec, None, dtype, device)
-        keep = _KeepLast(offload)
+        keep = _KeepLast()
         run_layerwise(model, windows, keep, offload=offload, description="streamed layers", stream=streamer)
         self.hidden, self.adapter = keep.hidden, ModelAdapter(model)
         self.device, self.dtype = device, str(dtype).replace("torch.", "")
@@ -149,16 +149,13 @@ class StreamedScorer:
 
 class _KeepLast(LayerProcessor):
     """Transforms nothing (so the engine runs each layer once per window, no observing pass);
-    keeps a copy of the last layer's outputs."""
+    keeps the engine's buffer of the last layer's outputs."""
 
-    def __init__(self, offload: bool):
-        self.offload, self.hidden = offload, None
+    hidden: ActivationStore | None = None
 
-    def finish(self, adapter, hidden) -> None:
-        n, L, H = hidden._data.shape
-        self.hidden = ActivationStore(n, L, H, hidden.dtype, self.offload)
-        for i in range(n):
-            self.hidden[i] = hidden[i]
+    def finish(self, adapter, hidden) -> ActivationStore:
+        self.hidden = hidden
+        return hidden
 
 
 def as_scorer(x):

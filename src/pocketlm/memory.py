@@ -7,14 +7,18 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 
 
-def _field(name: str) -> int:
+def _kib_field(path: Path, name: str) -> int | None:
     try:
-        for line in _STATUS.read_text().splitlines():
+        for line in path.read_text().splitlines():
             if line.startswith(name + ":"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError):
         pass
-    return 0
+    return None
+
+
+def _field(name: str) -> int:
+    return _kib_field(_STATUS, name) or 0
 
 
 def rss() -> int:
@@ -25,6 +29,47 @@ def rss() -> int:
 def peak() -> int:
     """Highest resident bytes since the process started or since ``reset_peak``."""
     return _field("VmHWM")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # "max" (no limit), or no such file
+
+
+def _cgroup_room(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes left under this process's memory cgroup limit (v1 or v2), page cache counted as
+    free; None without a limit."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        v1 = "memory" in controllers.split(",")
+        if not v1 and controllers:
+            continue
+        d = (root / "memory" if v1 else root) / rel.lstrip("/")
+        limit = _read_int(d / ("memory.limit_in_bytes" if v1 else "memory.max"))
+        used = _read_int(d / ("memory.usage_in_bytes" if v1 else "memory.current"))
+        if limit is None or used is None or limit >= 2**60:
+            continue
+        cache = 0
+        try:
+            stat = dict(x.split() for x in (d / "memory.stat").read_text().splitlines())
+            cache = int(stat.get("cache" if v1 else "file", 0))
+        except (OSError, ValueError):
+            pass
+        return max(0, limit - used + cache)
+    return None
+
+
+def available() -> int | None:
+    """Bytes this process could still take: the kernel's MemAvailable, or less when its memory
+    cgroup has a limit; None where neither can be read."""
+    got = [v for v in (_kib_field(Path("/proc/meminfo"), "MemAvailable"), _cgroup_room()) if v is not None]
+    return min(got) if got else None
 
 
 def reset_peak() -> bool:

@@ -94,8 +94,14 @@ class CompressionResult:
             src = where.describe() if where.kind == "gguf" else None
         for target in self.recipe.export:
             path = target.out_path(tmp)
+            tensors = None
+            if self.context.stream is not None:  # read back from the shards just moved in, one at a time
+                from .stream import SafetensorsSource, streamed_tensors
+
+                tensors = streamed_tensors(self.model, SafetensorsSource(tmp))
             rep = export_model(self.model, self.tokenizer, self.context.quant, target.format, path, target.type,
-                               target.embed_type, source_gguf=src, source_dir=tmp, name=self.recipe.name)
+                               target.embed_type, source_gguf=src, source_dir=tmp, name=self.recipe.name,
+                               tensors=tensors)
             done[str(path.relative_to(tmp))] = {"format": target.format, **rep}
         return done
 
@@ -115,7 +121,6 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     safetensors files, never whole in memory, each stage's layers written there with a journal;
     a work directory holding a journal resumes that run.
     """
-    rss0 = memory.rss()  # before the model is loaded here: the process without its weights
     source = None
     recipe = resolve_recipe(recipe)
     streamer = None
@@ -126,7 +131,7 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
 
         source = model
         model, tokenizer, _, streamer = open_streamed(model, stream, device=device)
-        _check_streamable(recipe, model)
+        check_streamable(recipe, model)
     elif isinstance(model, str):
         source = model
         model, tokenizer, _ = models.load(model, device=device)
@@ -140,13 +145,10 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
         ctx.calib_windows = calibration
     elif calibration is not None:
         ctx.calibration = calibration
-    from .footprint import param_bytes
-
-    base = rss0 if source is not None else max(0, rss0 - param_bytes(model))  # a model handed in: loaded
-    predicted = _predict_memory(ctx, recipe, streamer is not None, base)
+    predicted = _predict_memory(ctx, recipe, streamer is not None)
     reports: list[dict] = []
     if streamer is not None:
-        streamer.records, streamer.restore_records = ctx.records_state, ctx.restore_records
+        streamer.records, streamer.restore_records = (lambda: ctx.quant), ctx.restore_records
         streamer.restore_run()
         reports = streamer.reports
     for k, stage in enumerate(recipe.stages):
@@ -165,18 +167,21 @@ def compress(model: "nn.Module | str", recipe: "Recipe | dict | str", tokenizer=
     return CompressionResult(ctx.model, tokenizer, recipe, ctx, _spent(reports), reports, source, memory=predicted)
 
 
-def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool, base: int) -> dict | None:
-    """The predicted peak of a recipe whose stages all say what they need (None otherwise);
-    ``base``: the process's resident bytes without the model's weights."""
-    from .footprint import predict_peak
+def _predict_memory(ctx: Context, recipe: Recipe, streamed: bool) -> dict | None:
+    """The predicted peak of a recipe whose stages all say what they need (None otherwise). The
+    process part is measured once the calibration windows are drawn, without the weights loaded
+    so far: the tokenizer, the windows and what loading left behind are in it."""
+    from .footprint import loaded_bytes, predict_peak
 
     if not recipe.needs_calibration or any(s.memory_bytes({}) is None for s in recipe.stages):
         return None
     n, seq_len = ctx.windows().shape
+    memory.trim()
+    base = max(0, memory.rss() - loaded_bytes(ctx.model))
     return predict_peak(ctx.model, n, seq_len, recipe.stages, streamed, ctx.calibration.offload, base)
 
 
-def _check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
+def check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
     """Refuse, before any work, a recipe a streamed model cannot run (saying what memory the
     in-memory run needs instead)."""
     need = sum(p.numel() * p.element_size() for p in skeleton.parameters()) / 2**30
@@ -186,9 +191,9 @@ def _check_streamable(recipe: Recipe, skeleton: nn.Module) -> None:
             raise PocketError(f"stage '{s.method}' cannot run on a streamed model: {why}; streaming runs gptq and "
                               f"imatrix (the others need the model loaded whole, without --stream: {need:.1f} GiB "
                               "of weights plus the method's working memory)")
-    if recipe.export:
-        raise PocketError("a streamed run writes the transformers directory only; export it afterwards with "
-                          "`pocketlm export OUT --format ...` (drop the recipe's export section)")
+    if any(t.format != "gguf" for t in recipe.export):
+        raise PocketError("a streamed run exports GGUF only (tensor by tensor); drop the compressed-tensors export "
+                          "and run `pocketlm export OUT --format compressed-tensors` on a machine that holds the model")
 
 
 def _spent(reports: list[dict]) -> float:

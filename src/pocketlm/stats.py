@@ -34,9 +34,21 @@ class HessianProcessor(LayerProcessor):
             raise RuntimeError(f"{name} shares its input inconsistently")
         self._alias[name] = self._alias.get(source, source)
 
-    def hessian(self, name: str) -> torch.Tensor:
+    def hessian(self, name: str, last: bool = False) -> torch.Tensor:
+        """H of ``name``; ``last``: no other linear will ask for this accumulator, which is then
+        scaled in place and handed over (no d_in x d_in copy)."""
         key = self._alias.get(name, name)
+        if last:
+            return self._sum.pop(key).mul_(2.0 / self._count[key])
         return self._sum[key] * (2.0 / self._count[key])
+
+    def users(self, names) -> dict[str, int]:
+        """How many of ``names`` read each accumulator (to know which use is the last)."""
+        count: dict[str, int] = {}
+        for n in names:
+            key = self._alias.get(n, n)
+            count[key] = count.get(key, 0) + 1
+        return count
 
     def release_layer(self) -> None:
         self._sum.clear()

@@ -117,15 +117,19 @@ class Streamer:
         self.stage = 0  # which stage's shards are being written
         self.resident = False
         self._journaled = time.monotonic()
-        #: set by the pipeline: () -> (summaries, tensors) of the records so far, for the journal
+        #: set by the pipeline: () -> {linear: quantizer record} so far, for the journal
         self.records = None
         #: and (summaries, tensors) -> None, to take them back when a run resumes
         self.restore_records = None
         #: the reports of the stages finished so far (kept in the journal)
         self.reports: list[dict] = []
+        #: the journal's record files, and the records written to them (to see a record replaced)
+        self._record_files: list[str] = []
+        self._written: dict[str, object] = {}
         j = self.journal() if self.work is not None else None
         if j is not None:  # a stopped run: go on from the stage it was in
             self.stage, self.reports = j["stage"], list(j["reports"])
+            self._record_files = list(j["record_files"])
             if self.stage > 0:
                 self.source = SafetensorsSource(self.stage_dir(self.stage - 1))
 
@@ -261,11 +265,18 @@ class Streamer:
             shape, dtype = list(arr.shape), str(arr.dtype).removeprefix("torch.")
             with atomic_file(self.work / "activations.bin", overwrite=True) as tmp:
                 (arr.view(torch.int16) if arr.dtype == torch.bfloat16 else arr).numpy().tofile(str(tmp))
-        summaries, tensors = self.records() if self.records else ({}, {})
-        with atomic_file(self.work / "records.safetensors", overwrite=True) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        entry = {"stage": self.stage, "layers_done": layers_done, "activations": shape, "dtype": dtype,
-                 "state": state, "records": summaries, "reports": self.reports}
+        records = self.records() if self.records else {}
+        new = {n: r for n, r in records.items() if self._written.get(n) is not r}
+        if new:  # each record once (a later stage's new record of a linear again), not all so far each time
+            name = f"records-{len(self._record_files):05d}.safetensors"
+            tensors = {k: v for n, r in new.items() for k, v in r.saved_tensors(n).items()}
+            with atomic_file(self.work / name, overwrite=True) as tmp:
+                save_file(tensors, str(tmp))
+            self._record_files.append(name)
+            self._written.update(new)  # held, so that a replaced record's id cannot come back
+        entry = {"stage": self.stage, "layers_done": layers_done, "activations": shape, "dtype": dtype, "state": state,
+                 "records": {n: r.summary() for n, r in records.items()}, "record_files": self._record_files,
+                 "reports": self.reports}
         with atomic_file(self.work / JOURNAL, overwrite=True) as tmp:
             Path(tmp).write_text(json.dumps(entry))
 
@@ -275,7 +286,10 @@ class Streamer:
 
         j = self.journal()
         if j is not None and self.restore_records:
-            self.restore_records(j["records"], load_file(str(self.work / "records.safetensors")))
+            tensors = {}
+            for name in j["record_files"]:  # in order: a later file's record of a linear replaces an earlier one
+                tensors.update(load_file(str(self.work / name)))
+            self.restore_records(j["records"], tensors)
 
     def resumes_layers(self) -> int:
         """Layers of the current stage a stopped run already wrote (0: start the stage afresh)."""
@@ -290,6 +304,19 @@ class Streamer:
         arr = np.fromfile(str(self.work / "activations.bin"), dtype=raw.numpy().dtype).reshape(j["activations"])
         raw.copy_(torch.from_numpy(arr))
         return j["state"]
+
+
+def streamed_tensors(model: nn.Module, source):
+    """(name, tensor) of every entry of ``model.state_dict()`` (a skeleton's: its order and names),
+    each read from ``source`` only when asked for; a tied head the source leaves to its embedding
+    is skipped (writers that tie it skip it anyway)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for name in model.state_dict():
+        if name not in source:
+            if tied and name == "lm_head.weight":
+                continue
+            raise PocketError(f"the model's weights have no tensor {name}; they do not match its config")
+        yield name, source.get(name)
 
 
 def open_streamed(spec: str, work: "str | os.PathLike | None", dtype: torch.dtype = torch.float32, device: str = "cpu"):

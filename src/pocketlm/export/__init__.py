@@ -64,13 +64,14 @@ def _size(path: Path) -> int:
 
 def export_model(model, tokenizer, records: dict, fmt: str, out: Path, qtype: str = "F16", embed_type: str = "F16",
                  source_gguf: str | None = None, source_dir: str | Path | None = None,
-                 name: str | None = None) -> dict:
-    """Write ``model`` to ``out`` (a .gguf file, or a new directory for compressed-tensors)."""
+                 name: str | None = None, tensors=None) -> dict:
+    """Write ``model`` to ``out`` (a .gguf file, or a new directory for compressed-tensors).
+    ``tensors``: GGUF only, the (name, tensor) pairs of a streamed model, read one at a time."""
     out = Path(out)
     if fmt == "gguf":
         from . import gguf as G
 
-        types = G.write(model, tokenizer, out, records, source_gguf, qtype, embed_type, name=name)
+        types = G.write(model, tokenizer, out, records, source_gguf, qtype, embed_type, name=name, tensors=tensors)
         counts = {t: list(types.values()).count(t) for t in sorted(set(types.values()))}
         return {"bytes": _size(out), "tensor types": counts}
     from . import compressed
@@ -83,8 +84,9 @@ def export_model(model, tokenizer, records: dict, fmt: str, out: Path, qtype: st
 
 
 def run_export(spec: str, fmt: str, out: Path, qtype: str = "F16", embed_type: str = "F16",
-               overwrite: bool = False) -> dict:
-    """Load ``spec`` (a pocketlm output keeps its quantizer's codes) and export it atomically."""
+               overwrite: bool = False, stream: bool = False) -> dict:
+    """Load ``spec`` (a pocketlm output keeps its quantizer's codes) and export it atomically.
+    ``stream`` (GGUF): never hold the model, read and write one tensor at a time."""
     from .. import models
     from ..fsutil import atomic_dir, atomic_file
     from .saved import quant_records, source_gguf
@@ -103,12 +105,34 @@ def run_export(spec: str, fmt: str, out: Path, qtype: str = "F16", embed_type: s
         raise PocketError(f"{spec} has no quantized linears; compress it with rtn/gptq/aptq before a "
                           f"compressed-tensors export (GGUF takes float models)")
     gguf_src = src.describe() if src.kind == "gguf" else source_gguf(src.path) if src.kind == "dir" else None
-    model, tok, _ = models.load(spec)
+    tensors = None
+    if stream:
+        model, tok, tensors = _streamed(spec, fmt, src)
+        records = quant_records(src.path, lazy=True) if src.kind == "dir" else {}
+    else:
+        model, tok, _ = models.load(spec)
     if fmt == "gguf":
         with atomic_file(out, overwrite=overwrite) as tmp:
-            rep = export_model(model, tok, records, fmt, tmp, qtype, embed_type, gguf_src, name=Path(spec).name)
+            rep = export_model(model, tok, records, fmt, tmp, qtype, embed_type, gguf_src, name=Path(spec).name,
+                               tensors=tensors)
     else:
         with atomic_dir(out, overwrite=overwrite) as tmp:
             rep = export_model(model, tok, records, fmt, tmp, source_dir=src.path if src.kind == "dir" else None)
     rep["bytes"] = _size(out)
     return rep
+
+
+def _streamed(spec: str, fmt: str, src):
+    """(skeleton, tokenizer, tensors read one at a time) of ``spec`` for a streamed export."""
+    from .. import outdir
+    from ..checkpoint import is_checkpoint
+    from ..errors import PocketError
+    from ..stream import open_streamed, streamed_tensors
+
+    if fmt != "gguf":
+        raise PocketError("--stream exports GGUF only; a compressed-tensors export loads the model (drop --stream)")
+    if src.kind == "dir" and ((Path(src.path) / outdir.SPARSE).is_file() or is_checkpoint(src.path)):
+        raise PocketError(f"{spec} stores packed or sparse weights, which a streamed export does not read; "
+                          "export it without --stream")
+    model, tok, _, streamer = open_streamed(spec, None)
+    return model, tok, streamed_tensors(model, streamer.source)

@@ -109,12 +109,15 @@ def _tokenizer_from_hf(w, tokenizer) -> None:
 
 
 def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_gguf: str | None = None,
-          linear_type: str = "F16", embed_type: str = "F16", name: str | None = None) -> dict:
+          linear_type: str = "F16", embed_type: str = "F16", name: str | None = None, tensors=None) -> dict:
     """Write ``model`` as GGUF at ``path``; returns {gguf tensor name: type name}.
 
     ``quant``: the quantizers' records (``Context.quant``); their codes are kept when a block
     format holds them. ``linear_type``: the type of every other decoder linear (F16, F32, or a
-    block type quantized here by RTN). ``embed_type``: the token embedding's type."""
+    block type quantized here by RTN). ``embed_type``: the token embedding's type.
+    ``tensors``: (name, tensor) pairs read one at a time in place of ``model.state_dict()`` (a
+    streamed model, ``model`` a skeleton on ``meta``); each one's bytes then go to a temporary
+    file as soon as they are encoded, so that memory holds one tensor at a time."""
     import gguf
 
     arch = check_exportable(model.config)
@@ -127,7 +130,7 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch, use_temp_file=tensors is not None)
     w.add_name(name or getattr(cfg, "name_or_path", None) or "pocketlm model")
     _metadata(w, cfg, arch)
     if source_gguf:
@@ -135,7 +138,7 @@ def write(model, tokenizer, path: str | Path, quant: dict | None = None, source_
     else:
         _tokenizer_from_hf(w, tokenizer)
     types: dict[str, str] = {}
-    for hf_name, t in model.state_dict().items():
+    for hf_name, t in tensors if tensors is not None else model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue
         gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))

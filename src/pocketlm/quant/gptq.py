@@ -207,11 +207,15 @@ class GPTQProcessor(HessianProcessor):
 
     def process(self, layer: LayerView) -> None:
         extra = self.curvature(layer) if self.curvature else {}
+        left = self.users(n for n in layer.linears if self.wants(n) and n not in extra)
         for name, lin in layer.linears.items():
             if not self.wants(name):
                 continue
             H = extra.get(name)
-            H = self.hessian(name) if H is None else H
+            if H is None:
+                key = self._alias.get(name, name)
+                left[key] -= 1
+                H = self.hessian(name, last=left[key] == 0)
             spec = self.spec_for(name)
             if spec == "F16":  # a GGML type whose rows do not fit, even after llama.cpp's fallback
                 continue
@@ -242,8 +246,8 @@ class GPTQ(QuantStage):
 
     def memory_bytes(self, linears):
         """H (d_in x d_in, float32) of every linear (an upper bound: linears reading one input
-        share it); for the largest, its scaled copy, the working copy and LAPACK's buffer, and
-        three copies of the weight."""
+        share it); for the largest, a scaled copy (when its H is shared; the last user takes the
+        accumulator itself), the working copy and LAPACK's buffer, and three copies of the weight."""
         held = sum(4 * d_in * d_in for _, d_in in linears.values())
         d_max = max((d_in for _, d_in in linears.values()), default=0)
         w_max = max((d_out * d_in for d_out, d_in in linears.values()), default=0)
