@@ -15,8 +15,8 @@ on its block scales, exported and scored in llama.cpp too), ``kv1-aligned`` (3 K
 1 after alignment); each reports the compressed model (``NAME``, measured before recovery, in
 the same run) and the recovered one (``NAME+recover``), and checks that the structure survived
 training and a save and reload (pruned weights zero, N:M groups, layer and head counts, codes on
-the grid); the recovered model stays in POCKETLM_BENCH_DIR/recovered/ (default /tmp/pocketlm-gguf)
-for zero-shot runs (``bench/bench_zeroshot.py``). ``memory-2GiB`` plans a LoRA recovery of the 2:4 model to 2 GiB and runs it, and
+the grid); the compressed and the recovered model stay in POCKETLM_BENCH_DIR/recovered/NAME (default
+/tmp/pocketlm-gguf) for zero-shot runs (``bench/bench_zeroshot.py``). ``memory-2GiB`` plans a LoRA recovery of the 2:4 model to 2 GiB and runs it, and
 runs the same micro-batch without recomputation, each in its own process, reading the
 kernel's peak RSS.
 
@@ -77,15 +77,16 @@ def measure(name: str, model, tok, res, cache, windows: int, extra: dict | None 
     from pocketlm import models
 
     rep = structure(model, res.context)
-    if name.endswith("+recover"):  # the structure after a save and a reload, too; kept for zero-shot runs
+    if name not in SWEEP:  # kept for zero-shot runs, compressed and healed alike
         d = SAVED / name
         res.save(d, overwrite=True)
+        rep["saved"] = str(d)
+    if name.endswith("+recover"):  # the structure after a save and a reload, too
         back, _, _ = models.load(str(d))
         ctx = res.context
         rep["reloaded_equal"] = all(bool((back.get_submodule(n).weight == model.get_submodule(n).weight).all())
                                     for n in [*ctx.masks, *ctx.quant][:50])
         rep["reloaded_layers"] = back.config.num_hidden_layers
-        rep["saved"] = str(d)
         del back
     r = pocketlm.perplexity(model, tok, "wikitext2", 2048, windows, reference=cache)
     if name.startswith("imatrix"):  # the deployed file: exported, scored by llama.cpp
