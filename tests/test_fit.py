@@ -111,3 +111,20 @@ def test_a_4_candidate_sweep_on_a_ray_cluster_equals_the_one_in_process(tiny_dir
     assert _deterministic(here) == _deterministic(there) and here["chosen"] == there["chosen"]
     assert there["runner"] == f"ray {ray_cluster}" and here["runner"] == "in process"
     assert (tmp_path / "here" / "model.gguf").read_bytes() == (tmp_path / "there" / "model.gguf").read_bytes()
+
+
+def test_a_speed_budget_no_candidate_met_gets_one_corrected_candidate_per_layer_count():
+    m = fit.Machine(metadata_bytes=1000, decode_k=1.0, kv_bytes=0, overhead_bytes=0)
+    cs = fit.candidates([0, 1], 100_000, m, (1.0, 0.9))
+    for c, (nbytes, tok_s) in zip(cs, [(99_000, 80.0), (89_000, 95.0), (98_000, 85.0), (88_000, 96.0)]):
+        c.measured = {"file_bytes": nbytes, "decode_tok_s": tok_s, "ram_bytes": nbytes + 5000, "kl": 0.1,
+                      "layers": 3 - ("minus1" in c.name)}
+    budget = fit.Budget(min_decode=100)
+    assert not any(fit._fits(budget, c) for c in cs)
+    more = fit.corrected(budget, cs, m)  # from each layer count's smallest file: speed x bytes kept
+    assert [c.name for c in more] == ["aptq-gguf-corrected", "aptq-gguf-minus1layers-corrected"]
+    want = [int(95.0 * 89_000 / 100 * fit.MARGIN), int(96.0 * 88_000 / 100 * fit.MARGIN)]
+    assert [c.predicted["file_bytes"] for c in more] == want
+    assert more[1].stages[0] == {"method": "remove-layers", "n": 1}
+    ram = fit.corrected(fit.Budget(ram=90_000), cs, m)  # RAM: what the runtime took beyond the file
+    assert [c.predicted["file_bytes"] for c in ram] == [int((90_000 - 5000) * fit.MARGIN)] * 2

@@ -11,9 +11,10 @@ whole file limit and, when a speed or RAM budget makes the limit a prediction, a
 candidate is skipped before any work when its predicted bytes, RAM or speed break the budget or
 no plan fits; every other one is compressed, written as GGUF and scored in llama.cpp (KL and
 perplexity against the float model on WikiText-2 windows), and for a speed or RAM budget run in
-llama.cpp too. The lowest KL that meets every measured budget wins; the chosen file's speed and RAM
-are measured again in a fresh process, and if that second measurement misses a budget, the next
-candidate is taken. Candidates can run as Ray tasks (``ray=``, see ``sweep.py``). Everything
+llama.cpp too; if none of them meets the budget as measured, each layer count gets one more
+candidate at the size its smallest measured file says would fit. The lowest KL that meets every
+measured budget wins; the chosen file's speed and RAM are measured again in a fresh process, and
+if that second measurement misses a budget, the next candidate is taken. Candidates can run as Ray tasks (``ray=``, see ``sweep.py``). Everything
 decided is in ``fit.json`` and ``report.html`` beside ``model.gguf``.
 """
 from __future__ import annotations
@@ -21,11 +22,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from . import progress, sweep
@@ -289,6 +291,10 @@ def _search(model_spec: str, budget: Budget, s: Search, model, tok, where, folde
     jobs = [Job(model_spec, c, src, s.windows, s.seq_len, cal, str(ref), str(folder), torch.get_num_threads(),
                 {"ctx": budget.ctx, "threads": s.threads} if timed else None, ship=bool(s.ray)) for c in cands]
     files = search(jobs, s.ray, folder)
+    if timed and not any(_fits(budget, c) for c in cands):  # the prediction was off: correct it once
+        more = corrected(budget, cands, machine)
+        files.update(search([replace(jobs[0], candidate=c) for c in more], s.ray, folder))
+        cands += more
     result = _choose(budget, cands, files, limit, s.threads)
     result.update({"model": model_spec, "budget": asdict(budget), "machine": asdict(machine), "file_limit": limit,
                    "limits": limits, "candidates": [asdict(c) for c in cands], "sizes": list(sizes),
@@ -297,11 +303,43 @@ def _search(model_spec: str, budget: Budget, s: Search, model, tok, where, folde
     return result, files[result["chosen"]]
 
 
+MARGIN = 0.95  # a corrected candidate's size below what its measured neighbour says would just fit
+
+
+def corrected(budget: Budget, cands: list[Candidate], machine: Machine) -> list[Candidate]:
+    """When no candidate's own measurement met a speed or RAM budget: for each layer count, one
+    more candidate at the size its smallest measured file says fits (decode speed x bytes taken
+    as constant, RAM beyond the file as measured), less a margin."""
+    out = []
+    for c in cands:
+        m = c.measured
+        if not m or any(o.measured and o.measured["layers"] == m["layers"]
+                        and o.measured["file_bytes"] < m["file_bytes"] for o in cands):
+            continue  # only the smallest measured file of each layer count
+        limits = []
+        if budget.min_decode is not None:
+            limits.append(m["decode_tok_s"] * m["file_bytes"] / budget.min_decode)
+        if budget.ram is not None:
+            limits.append(budget.ram - (m["ram_bytes"] - m["file_bytes"]))
+        if budget.bytes is not None:
+            limits.append(budget.bytes)
+        target = int(min(limits) * MARGIN)
+        more = candidates([c.stages[0]["n"] if c.stages[0]["method"] == "remove-layers" else 0], target, machine)[0]
+        more.name = re.sub(r"-\d+pct$", "", c.name) + "-corrected"
+        out.append(more)
+    return out
+
+
+def _fits(budget: Budget, c: Candidate) -> bool:
+    """Whether a candidate's own measurement meets every budget (bytes exactly; speed and RAM as
+    llama.cpp ran it, when such a budget is set)."""
+    return bool(c.measured) and all(_meets(budget, c.measured, c.measured).values())
+
+
 def _choose(budget: Budget, cands: list[Candidate], files: dict, limit: int, threads: int) -> dict:
     """The lowest KL among the candidates whose measurements meet every budget, measured again
     in a fresh process; if that measurement misses a budget (speed varies), the next one."""
-    done = [c for c in cands if c.measured and all(_meets(budget, c.measured, c.measured).values())
-            and c.measured["file_bytes"] <= limit]
+    done = [c for c in cands if _fits(budget, c)]
     if not done:
         raise PocketError(f"no candidate fits a file of {limit:,} bytes ({'; '.join(str(c.skipped) for c in cands)}); "
                           "raise the budget")
