@@ -166,10 +166,11 @@ if __name__ == "__main__":
     ap.add_argument("--tokens", type=int, default=300_000, help="training tokens")
     ap.add_argument("--optimizer", default="adamw")
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--ray", help="run the configurations as Ray tasks: auto or a cluster address")
     a = ap.parse_args()
     if a.one:
         one(a.one, a.windows, a.tokens, a.optimizer, a.lr)
     else:
         names = a.only.split(",") if a.only else list(CONFIGS)
         extra = ["--windows", str(a.windows), "--tokens", str(a.tokens), "--optimizer", a.optimizer]
-        run_configs(__file__, "recover", names, extra + (["--lr", str(a.lr)] if a.lr else []))
+        run_configs(__file__, "recover", names, extra + (["--lr", str(a.lr)] if a.lr else []), a.ray)

@@ -52,8 +52,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--one")
     ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--ray", help="run the configurations as Ray tasks: auto or a cluster address")
     a = ap.parse_args()
     if a.one:
         one(a.one, a.windows)
     else:
-        run_configs(__file__, "rtn", list(CONFIGS), ["--windows", str(a.windows)])
+        run_configs(__file__, "rtn", list(CONFIGS), ["--windows", str(a.windows)], a.ray)

@@ -62,8 +62,9 @@ if __name__ == "__main__":
     ap.add_argument("--one")
     ap.add_argument("--only", help="comma-separated configurations")
     ap.add_argument("--limit", type=int, default=2000, help="the first N HellaSwag validation tasks")
+    ap.add_argument("--ray", help="run the configurations as Ray tasks: auto or a cluster address")
     a = ap.parse_args()
     if a.one:
         one(a.one, a.limit)
     else:
-        run_configs(__file__, "zeroshot", a.only.split(",") if a.only else CONFIGS, ["--limit", str(a.limit)])
+        run_configs(__file__, "zeroshot", a.only.split(",") if a.only else CONFIGS, ["--limit", str(a.limit)], a.ray)

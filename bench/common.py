@@ -36,21 +36,28 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | None = None) -> None:
-    """Run ``script --one CONFIG`` for each config in its own process; collect its JSON line."""
+def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | None = None,
+                ray: str | None = None) -> None:
+    """Run ``script --one CONFIG`` for each config in its own process (or, with ``ray``, as a Ray
+    task each: ``pocketlm.sweep``; the script must sit at the same path on every node); collect
+    each JSON line into bench/results/BENCH.jsonl."""
+    from pocketlm import sweep
+
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{bench}.jsonl"
-    for cfg in configs:
-        r = subprocess.run([sys.executable, script, "--one", cfg, *(extra or [])], capture_output=True, text=True,
-                           env={**os.environ, "POCKETLM_QUIET": "1", "TQDM_DISABLE": "1"})
-        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
-        if r.returncode != 0 or not lines:
-            print(json.dumps({"bench": bench, "config": cfg, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}),
-                  flush=True)
-            continue
+    env = {"POCKETLM_QUIET": "1", "TQDM_DISABLE": "1"}
+    items = [([sys.executable, str(Path(script).resolve()), "--one", cfg, *(extra or [])], env) for cfg in configs]
+
+    def collect(i: int, r: dict) -> None:
+        lines = [ln for ln in r["stdout"].splitlines() if ln.startswith("{")]
+        if r["returncode"] != 0 or not lines:
+            print(json.dumps({"bench": bench, "config": configs[i],
+                              "error": (r["stderr"].strip().splitlines() or ["?"])[-1]}), flush=True)
+            return
         for line in lines:  # a configuration may report several results (each with its own name)
             print(line, flush=True)
-            _replace_line(out, json.loads(line).get("config", cfg), line)
+            _replace_line(out, json.loads(line).get("config", configs[i]), line)
+    sweep.run(sweep.command, items, ray or os.environ.get("POCKETLM_RAY"), on_done=collect)
 
 
 def _replace_line(out: Path, cfg: str, line: str) -> None:
@@ -138,9 +145,11 @@ def calibrated_main(script: str, bench: str, configs: list[str], one, calib_wind
     ap.add_argument("--only", help="comma-separated subset of configurations")
     ap.add_argument("--windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
     ap.add_argument("--calib-windows", type=int, default=calib_windows, help="calibration windows of 2048 tokens")
+    ap.add_argument("--ray", help="run the configurations as Ray tasks: auto or a cluster address")
     a = ap.parse_args()
     if a.one:
         one(a.one, a.windows, a.calib_windows)
     else:
         names = a.only.split(",") if a.only else list(configs)
-        run_configs(script, bench, names, ["--windows", str(a.windows), "--calib-windows", str(a.calib_windows)])
+        run_configs(script, bench, names, ["--windows", str(a.windows), "--calib-windows", str(a.calib_windows)],
+                    a.ray)

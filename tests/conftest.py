@@ -132,6 +132,43 @@ def nm_ok(w: torch.Tensor, n: int, m: int) -> bool:
     return bool(((w != 0).reshape(w.shape[0], -1, m).sum(-1) <= n).all())
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster of two worker CPUs, started as a user would (``ray start --head``),
+    whose workers import this pocketlm; yields its address, stops it at the end."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pocketlm
+
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'pocketlm[ray]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = Path(sys.executable).parent / "ray"
+    src = str(Path(pocketlm.__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[1])  # the tests' own task functions, too
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, repo, os.environ.get("PYTHONPATH", "")]),
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([str(ray), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"],
+                   check=True, capture_output=True, env=env)
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        import ray as R
+
+        R.shutdown()
+        subprocess.run([str(ray), "stop", "--force"], capture_output=True, env=env)
+        if old is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = old
+
+
 def pytest_collection_modifyitems(items):
     """Tests that load the real model (the ``smol`` or ``tokenizer`` fixture) are slow too."""
     for item in items:

@@ -23,6 +23,10 @@ def fit_cmd(
     calib_windows: int = typer.Option(16, help="calibration windows"),
     calib_len: int = typer.Option(2048, help="tokens per calibration window"),
     threads: int = typer.Option(2, help="llama.cpp threads for the speed and memory measurements"),
+    sizes: Optional[str] = typer.Option(None, help="fractions of the file limit to try, e.g. 1,0.9,0.8 (default 1, "
+                                                   "and 0.85 too for --ram / --min-decode)"),
+    ray: Optional[str] = typer.Option(None, help="measure candidates as Ray tasks: auto (this machine's cluster, "
+                                                 "or a local one) or a cluster address"),
     anchors: Optional[Path] = typer.Option(None, help="other tools' files measured alike (benchmark JSON lines), "
                                                       "drawn in the report"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
@@ -37,6 +41,12 @@ def fit_cmd(
         raise PocketError(f"--layers takes comma-separated counts like 0,1,2, got '{layers}'") from None
     if any(n < 0 for n in removed):
         raise PocketError("--layers counts must be >= 0")
+    try:
+        fractions = tuple(float(x) for x in sizes.split(",")) if sizes else None
+    except ValueError:
+        raise PocketError(f"--sizes takes comma-separated fractions like 1,0.9, got '{sizes}'") from None
+    if fractions and not all(0 < f <= 1 for f in fractions):
+        raise PocketError("--sizes fractions must be in (0, 1]")
     for name, v, lo in (("min-decode", min_decode, 0.001), ("ctx", ctx, 16), ("windows", windows, 1),
                         ("calib-windows", calib_windows, 1), ("calib-len", calib_len, 2), ("threads", threads, 1)):
         _check(name, v, lo)
@@ -44,7 +54,8 @@ def fit_cmd(
     budget.check()
     check_output(out_dir, overwrite, "dir", inputs=_local_inputs(model, anchors))
     anc = report.Anchors.load(anchors)
-    res = fit.run(model, budget, out_dir, windows, 2048, calib_windows, calib_len, removed, threads, overwrite, anc)
+    res = fit.run(model, budget, out_dir, windows, 2048, calib_windows, calib_len, removed, threads, overwrite, anc,
+                  sizes=fractions, ray=ray)
     best = next(c for c in res["candidates"] if c["name"] == res["chosen"])
     out.print(f"chose {res['chosen']}: {best['measured']['file_bytes']:,} bytes, KL {best['measured']['kl']}, "
               f"decode {res['chosen_measured_again']['tg_tok_s']} tok/s; budgets met: "

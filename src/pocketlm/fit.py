@@ -6,26 +6,31 @@ what turns those into one byte budget for the file: the GGUF metadata beyond the
 cache and runtime memory at the context, and decode speed as a bandwidth constant (decoding a
 token reads the whole file: tok/s ~ k / bytes). Candidates are APTQ over every GGML type to that
 budget (importance-weighted RTN onto the planned types), on the model as it is and with the
-layers of lowest Block Influence removed first (fewer layers leave more bits to the rest). A
+layers of lowest Block Influence removed first (fewer layers leave more bits to the rest), at the
+whole file limit and, when a speed or RAM budget makes the limit a prediction, at 85% of it too. A
 candidate is skipped before any work when its predicted bytes, RAM or speed break the budget or
 no plan fits; every other one is compressed, written as GGUF and scored in llama.cpp (KL and
-perplexity against the float model on WikiText-2 windows). The lowest KL that meets every
-measured budget wins; the chosen file's speed and RAM are measured again. Everything decided is
-in ``fit.json`` and ``report.html`` beside ``model.gguf``.
+perplexity against the float model on WikiText-2 windows), and for a speed or RAM budget run in
+llama.cpp too; if none of them meets the budget as measured, each layer count gets one more
+candidate at the size its smallest measured file says would fit. The lowest KL that meets every
+measured budget wins; the chosen file's speed and RAM are measured again in a fresh process, and
+if that second measurement misses a budget, the next candidate is taken. Candidates can run as Ray tasks (``ray=``, see ``sweep.py``). Everything
+decided is in ``fit.json`` and ``report.html`` beside ``model.gguf``.
 """
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from . import progress
+from . import progress, sweep
 from .errors import PocketError
 
 FORMATS = ["q8_0", "q6_k", "q5_k", "q5_0", "q4_k", "iq4_nl", "iq4_xs", "q3_k", "q2_k"]
@@ -80,6 +85,26 @@ class Candidate:
     skipped: str | None = None
 
 
+@dataclass
+class Job:
+    """Everything one candidate's measurement needs, so that it runs anywhere (a Ray worker
+    loads the model itself from ``model``; every path must exist where it runs)."""
+    model: str
+    candidate: Candidate
+    source_gguf: str | None
+    windows: int
+    seq_len: int
+    calibration: object  # a CalibrationConfig
+    reference: str  # the float model's log-probabilities (built there if missing)
+    folder: str  # where the candidate's GGUF is written
+    threads: int  # torch threads: the same everywhere, so results do not depend on where a task ran
+    bench: dict | None = None  # {"ctx", "threads"}: measure speed and RAM too (speed or RAM budgets)
+    ship: bool = False  # return the file's bytes (a Ray task: the file may sit on another machine)
+
+
+_LOADED: dict[str, tuple] = {}  # model spec -> (model, tokenizer), loaded once per process
+
+
 def bench_file(path: Path, ctx: int, threads: int) -> dict:
     """Speed, peak RSS and KV cache of a GGUF file in llama.cpp, in a fresh process (so the
     memory is the runtime's own, not this process's)."""
@@ -111,17 +136,53 @@ def probe(model, tok, source_gguf: str | None, ctx: int, threads: int, folder: P
     return Machine(size - tensor_bytes(path), b["tg_tok_s"] * size, kv, over, {"bytes": size, **b})
 
 
-def candidates(layers: list[int], file_limit: int, machine: Machine) -> list[Candidate]:
+def candidates(layers: list[int], file_limit: int, machine: Machine,
+               sizes: tuple[float, ...] = (1.0,)) -> list[Candidate]:
+    """APTQ to each fraction ``sizes`` of the file limit, after removing each count of ``layers``."""
     out = []
     for n in layers:
-        pre = [{"method": "remove-layers", "n": n}] if n else []
-        stage = {"method": "aptq", "bytes": file_limit - machine.metadata_bytes - SLACK, "formats": FORMATS,
-                 "embed": "q8_0", "quantizer": "rtn"}
-        c = Candidate(f"aptq-gguf{f'-minus{n}layers' if n else ''}", [*pre, stage], machine.predict(file_limit))
-        if stage["bytes"] <= 0:
-            c.skipped = f"the file budget {file_limit:,} B leaves nothing after the metadata"
-        out.append(c)
+        for f in sizes:
+            pre = [{"method": "remove-layers", "n": n}] if n else []
+            target = int(file_limit * f)
+            stage = {"method": "aptq", "bytes": target - machine.metadata_bytes - SLACK, "formats": FORMATS,
+                     "embed": "q8_0", "quantizer": "rtn"}
+            name = f"aptq-gguf{f'-minus{n}layers' if n else ''}{f'-{round(f * 100)}pct' if f != 1.0 else ''}"
+            c = Candidate(name, [*pre, stage], machine.predict(target))
+            if stage["bytes"] <= 0:
+                c.skipped = f"the file budget {target:,} B leaves nothing after the metadata"
+            out.append(c)
     return out
+
+
+def measure_task(job: Job) -> dict:
+    """Compress a copy of the model with the candidate's recipe, write it as GGUF, score it in
+    llama.cpp (and bench it, for speed or RAM budgets). A sweep task: see ``sweep.run``."""
+    import torch
+
+    from . import models
+    from .data import eval_windows
+    from .measure import ReferenceCache
+
+    if job.model not in _LOADED:
+        m, tok, _ = models.load(job.model)
+        _LOADED[job.model] = (m, tok)
+    model, tok = _LOADED[job.model]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        c, folder = job.candidate, Path(job.folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        Path(job.reference).parent.mkdir(parents=True, exist_ok=True)
+        win = eval_windows(tok, "wikitext2", job.seq_len, job.windows)
+        ref = ReferenceCache.build(model, win, job.reference)
+        path = measure(c, model, tok, job.source_gguf, win, ref, job.calibration, folder)
+        if path is not None and job.bench:
+            b = bench_file(path, job.bench["ctx"], job.bench["threads"])
+            c.measured.update({"decode_tok_s": b["tg_tok_s"], "ram_bytes": int(b["peak_rss_mib"] * 2**20)})
+    finally:
+        torch.set_num_threads(threads)
+    data = path.read_bytes() if path is not None and job.ship else None
+    return {"measured": c.measured, "skipped": c.skipped, "file": str(path) if path else None, "data": data}
 
 
 def measure(c: Candidate, model, tok, src, windows, ref, calibration, folder: Path) -> Path | None:
@@ -151,64 +212,171 @@ def measure(c: Candidate, model, tok, src, windows, ref, calibration, folder: Pa
     return path
 
 
+def search(jobs: list[Job], ray: str | None, folder: Path) -> dict[str, Path]:
+    """Measure every job's candidate (in this process or as Ray tasks); the files by name."""
+    files = {}
+    todo = [j for j in jobs if j.candidate.skipped is None]
+    with progress.bar("fit candidates", len(todo)) as advance:
+        def done(i, r):
+            c = todo[i].candidate
+            c.measured, c.skipped = r["measured"], r["skipped"]
+            if r["data"] is not None:  # shipped back from a worker
+                (folder / f"{c.name}.gguf").write_bytes(r["data"])
+                files[c.name] = folder / f"{c.name}.gguf"
+            elif r["file"]:
+                files[c.name] = Path(r["file"])
+            advance(note=c.name)
+        # a Ray task reserves as many CPUs as its torch threads: oversubscribed cores slow torch many times over
+        sweep.run(measure_task, todo, ray, on_done=done, cpus=max((j.threads for j in todo), default=1))
+    return files
+
+
+@dataclass
+class Search:
+    """How ``run`` searches: evaluation windows, calibration, candidates, where tasks run."""
+    windows: int = 4
+    seq_len: int = 2048
+    calib_windows: int = 16
+    calib_len: int = 2048
+    layers: tuple[int, ...] = (0, 1)
+    threads: int = 2
+    sizes: tuple[float, ...] | None = None
+    ray: str | None = None
+    reference: Path | None = None
+
+
 def run(model_spec: str, budget: Budget, out: Path, windows: int = 4, seq_len: int = 2048,
         calib_windows: int = 16, calib_len: int = 2048, layers: tuple[int, ...] = (0, 1), threads: int = 2,
-        overwrite: bool = False, anchors=None, reference: Path | None = None) -> dict:
+        overwrite: bool = False, anchors=None, reference: Path | None = None,
+        sizes: tuple[float, ...] | None = None, ray: str | None = None) -> dict:
     """Search, measure and write ``out`` (model.gguf, fit.json, report.html). ``reference``: a
     file for the float model's log-probabilities on the evaluation windows, kept and reused
-    (default: a temporary one)."""
-    import shutil
-
-    from . import models, report
-    from .context import CalibrationConfig
-    from .data import eval_windows
-    from .fsutil import atomic_dir
-    from .measure import ReferenceCache
+    (default: a temporary one). ``sizes``: the fractions of the file limit each layer count is
+    tried at (default 1.0, and 0.85 too when a speed or RAM budget is predicted rather than
+    exact). ``ray``: measure the candidates as Ray tasks (``sweep.run``)."""
+    from . import models
 
     budget.check()
+    s = Search(windows, seq_len, calib_windows, calib_len, tuple(layers), threads, sizes, ray, reference)
     t0 = time.perf_counter()
     model, tok, where = models.load(model_spec)
-    src = where.describe() if where.kind == "gguf" else None
-    with tempfile.TemporaryDirectory(prefix="pocketlm-fit-") as d:
-        folder = Path(d)
-        machine = probe(model, tok, src, budget.ctx, threads, folder)
-        limit, limits = machine.file_limit(budget)
-        cands = candidates(list(layers), limit, machine)
-        win = eval_windows(tok, "wikitext2", seq_len, windows)
-        ref = ReferenceCache.build(model, win, reference or folder / "reference.f32")
-        cal = CalibrationConfig(windows=calib_windows, seq_len=calib_len)
-        files = {}
-        with progress.bar("fit candidates", len(cands)) as advance:
-            for c in cands:
-                if c.skipped is None:
-                    files[c.name] = measure(c, model, tok, src, win, ref, cal, folder)
-                advance()
-        done = [c for c in cands if c.measured and c.measured["file_bytes"] <= limit]
-        if not done:
-            raise PocketError(f"no candidate fits a file of {limit:,} bytes ({'; '.join(str(c.skipped) for c in cands)}); "
-                              "raise the budget")
-        best = min(done, key=lambda c: c.measured["kl"])
-        check = {**bench_file(files[best.name], budget.ctx, threads), "file": "model.gguf"}
-        result = {"model": model_spec, "budget": asdict(budget), "machine": asdict(machine), "file_limit": limit,
-                  "limits": limits, "candidates": [asdict(c) for c in cands], "chosen": best.name,
-                  "why": f"lowest KL ({best.measured['kl']}) of the {len(done)} measured candidates within "
-                         f"{limit:,} bytes",
-                  "chosen_measured_again": {**check, "ram_bytes": int(check["peak_rss_mib"] * 2**20)},
-                  "meets": _meets(budget, best, check), "seconds": round(time.perf_counter() - t0, 1),
-                  "eval": {"corpus": "wikitext2", "windows": windows, "seq_len": seq_len}}
-        with atomic_dir(out, overwrite=overwrite) as tmp:
-            shutil.copy(files[best.name], tmp / "model.gguf")
-            (tmp / "fit.json").write_text(json.dumps(result, indent=2))
-            (tmp / "report.html").write_text(report.fit_page(result, anchors or report.Anchors()), encoding="utf-8")
+    _LOADED[model_spec] = (model, tok)  # the in-process tasks use it; dropped at the end
+    try:
+        with tempfile.TemporaryDirectory(prefix="pocketlm-fit-") as d:
+            result, best = _search(model_spec, budget, s, model, tok, where, Path(d))
+            result["seconds"] = round(time.perf_counter() - t0, 1)
+            _write(out, overwrite, best, result, anchors)
+    finally:
+        _LOADED.pop(model_spec, None)
     return result
 
 
-def _meets(b: Budget, best: Candidate, check: dict) -> dict:
+def _search(model_spec: str, budget: Budget, s: Search, model, tok, where, folder: Path) -> tuple[dict, Path]:
+    """Probe, build and measure the candidates, choose: the result and the chosen file."""
+    import torch
+
+    from .context import CalibrationConfig
+    from .data import eval_windows
+    from .measure import ReferenceCache
+
+    src = where.describe() if where.kind == "gguf" else None
+    timed = budget.ram is not None or budget.min_decode is not None
+    sizes = s.sizes or ((1.0, 0.85) if timed else (1.0,))
+    machine = probe(model, tok, src, budget.ctx, s.threads, folder)
+    limit, limits = machine.file_limit(budget)
+    cands = candidates(list(s.layers), limit, machine, sizes)
+    ref = Path(s.reference or folder / "reference.f32")
+    ReferenceCache.build(model, eval_windows(tok, "wikitext2", s.seq_len, s.windows), ref)
+    cal = CalibrationConfig(windows=s.calib_windows, seq_len=s.calib_len)
+    jobs = [Job(model_spec, c, src, s.windows, s.seq_len, cal, str(ref), str(folder), torch.get_num_threads(),
+                {"ctx": budget.ctx, "threads": s.threads} if timed else None, ship=bool(s.ray)) for c in cands]
+    files = search(jobs, s.ray, folder)
+    if timed and not any(_fits(budget, c) for c in cands):  # the prediction was off: correct it once
+        more = corrected(budget, cands, machine)
+        files.update(search([replace(jobs[0], candidate=c) for c in more], s.ray, folder))
+        cands += more
+    result = _choose(budget, cands, files, limit, s.threads)
+    result.update({"model": model_spec, "budget": asdict(budget), "machine": asdict(machine), "file_limit": limit,
+                   "limits": limits, "candidates": [asdict(c) for c in cands], "sizes": list(sizes),
+                   "runner": f"ray {s.ray}" if s.ray else "in process",
+                   "eval": {"corpus": "wikitext2", "windows": s.windows, "seq_len": s.seq_len}})
+    return result, files[result["chosen"]]
+
+
+MARGIN = 0.95  # a corrected candidate's size below what its measured neighbour says would just fit
+
+
+def corrected(budget: Budget, cands: list[Candidate], machine: Machine) -> list[Candidate]:
+    """When no candidate's own measurement met a speed or RAM budget: for each layer count, one
+    more candidate at the size its smallest measured file says fits (decode speed x bytes taken
+    as constant, RAM beyond the file as measured), less a margin."""
+    out = []
+    for c in cands:
+        m = c.measured
+        if not m or any(o.measured and o.measured["layers"] == m["layers"]
+                        and o.measured["file_bytes"] < m["file_bytes"] for o in cands):
+            continue  # only the smallest measured file of each layer count
+        limits = []
+        if budget.min_decode is not None:
+            limits.append(m["decode_tok_s"] * m["file_bytes"] / budget.min_decode)
+        if budget.ram is not None:
+            limits.append(budget.ram - (m["ram_bytes"] - m["file_bytes"]))
+        if budget.bytes is not None:
+            limits.append(budget.bytes)
+        target = int(min(limits) * MARGIN)
+        more = candidates([c.stages[0]["n"] if c.stages[0]["method"] == "remove-layers" else 0], target, machine)[0]
+        more.name = re.sub(r"-\d+pct$", "", c.name) + "-corrected"
+        out.append(more)
+    return out
+
+
+def _fits(budget: Budget, c: Candidate) -> bool:
+    """Whether a candidate's own measurement meets every budget (bytes exactly; speed and RAM as
+    llama.cpp ran it, when such a budget is set)."""
+    return bool(c.measured) and all(_meets(budget, c.measured, c.measured).values())
+
+
+def _choose(budget: Budget, cands: list[Candidate], files: dict, limit: int, threads: int) -> dict:
+    """The lowest KL among the candidates whose measurements meet every budget, measured again
+    in a fresh process; if that measurement misses a budget (speed varies), the next one."""
+    done = [c for c in cands if _fits(budget, c)]
+    if not done:
+        raise PocketError(f"no candidate fits a file of {limit:,} bytes ({'; '.join(str(c.skipped) for c in cands)}); "
+                          "raise the budget")
+    rechecked = []
+    for best in sorted(done, key=lambda c: c.measured["kl"]):
+        check = {**bench_file(files[best.name], budget.ctx, threads), "file": "model.gguf"}
+        meets = _meets(budget, best.measured, check)
+        rechecked.append({"name": best.name, "tg_tok_s": check["tg_tok_s"], "meets": meets})
+        if all(meets.values()):
+            break
+    return {"chosen": best.name, "why": f"lowest KL ({best.measured['kl']}) of the {len(done)} measured candidates "
+                                         f"within {limit:,} bytes" + ("" if len(rechecked) == 1 else
+                                         f" whose second measurement met every budget ({len(rechecked)} tried)"),
+            "chosen_measured_again": {**check, "ram_bytes": int(check["peak_rss_mib"] * 2**20)},
+            "rechecked": rechecked, "meets": meets}
+
+
+def _write(out: Path, overwrite: bool, gguf: Path, result: dict, anchors) -> None:
+    import shutil
+
+    from . import report
+    from .fsutil import atomic_dir
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        shutil.copy(gguf, tmp / "model.gguf")
+        (tmp / "fit.json").write_text(json.dumps(result, indent=2))
+        (tmp / "report.html").write_text(report.fit_page(result, anchors or report.Anchors()), encoding="utf-8")
+
+
+def _meets(b: Budget, measured: dict, check: dict) -> dict:
+    """Each budget met or not, by ``measured`` (file bytes) and ``check`` (speed and RAM, from
+    ``bench_file`` or a candidate's own measurement; absent when no such budget is set)."""
     out = {}
     if b.bytes is not None:
-        out["bytes"] = best.measured["file_bytes"] <= b.bytes
+        out["bytes"] = measured["file_bytes"] <= b.bytes
     if b.ram is not None:
-        out["ram"] = check["peak_rss_mib"] * 2**20 <= b.ram
+        out["ram"] = check.get("ram_bytes", check.get("peak_rss_mib", 0) * 2**20) <= b.ram
     if b.min_decode is not None:
-        out["min_decode"] = check["tg_tok_s"] >= b.min_decode
+        out["min_decode"] = check.get("decode_tok_s", check.get("tg_tok_s", 0)) >= b.min_decode
     return out
