@@ -212,6 +212,34 @@ def test_gguf_source_reads_each_tensor_as_the_gguf_loader_does(gguf_file, rows, 
         assert torch.equal(src.get(name), want), name
 
 
+def _mapped_rss(path) -> int:
+    """Bytes of ``path``'s memory mappings resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.parametrize("drop", [True, False], ids=["dropped", "kept"])
+def test_gguf_source_leaves_no_tensor_pages_resident(gguf_file, drop, monkeypatch):
+    from pocketlm.gguf_tensors import GGUFSource
+
+    model = models.load(str(gguf_file))[0]
+    src = GGUFSource(str(gguf_file), model.config)
+    if not drop:  # the check can fail: without the unmapping, every page read stays resident
+        monkeypatch.setattr(src, "_drop_pages", lambda: None)
+    at_open = _mapped_rss(gguf_file)
+    for name in model.state_dict():
+        if name in src:
+            src.get(name)
+    grown = _mapped_rss(gguf_file) - at_open
+    assert (grown <= 2 * 4096) if drop else (grown > gguf_file.stat().st_size // 2), grown
+
+
 def test_a_gguf_model_streams_to_the_in_memory_result(gguf_file, tmp_path):
     w = torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(0))
     mem = pocketlm.compress(str(gguf_file), GPTQ, calibration=w)
