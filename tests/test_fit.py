@@ -67,7 +67,8 @@ def test_cli_refuses_bad_budgets_in_one_line(tmp_path):
                       (["--bytes", "90MB", "--layers", "a"], "comma-separated"),
                       (["--min-decode", "0"], "--min-decode must be"),
                       (["--bytes", "90MB", "--sizes", "1,x"], "comma-separated fractions"),
-                      (["--bytes", "90MB", "--sizes", "1.5"], "must be in (0, 1]")):
+                      (["--bytes", "90MB", "--sizes", "1.5"], "must be in (0, 1]"),
+                      (["--bytes", "90MB", "--ray", "127.0.0.1:1"], "cannot reach a Ray cluster")):
         code, err = run_cli(["fit", "smollm2-135m", "--out", str(tmp_path / "o"), *args])
         assert code == 2 and msg in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "o").exists()

@@ -48,3 +48,23 @@ def test_ray_tasks_give_the_in_process_results_in_order(ray_cluster):
     assert all(p["returncode"] == 0 for p in pids)
     with pytest.raises(PocketError, match="item 2 refused"):  # a task's own error, raised as itself
         sweep.run(_refuse, [2], ray_cluster)
+
+
+@pytest.mark.slow
+def test_a_benchmarks_configurations_on_a_ray_cluster_write_the_lines_written_in_process(ray_cluster, tmp_path,
+                                                                                          monkeypatch):
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import common
+
+    script = tmp_path / "bench_toy.py"
+    script.write_text("import json, sys\ncfg = sys.argv[sys.argv.index('--one') + 1]\n"
+                      "print(json.dumps({'bench': 'toy', 'config': cfg, 'value': len(cfg) ** 2}))\n")
+    written = {}
+    for where in (None, ray_cluster):
+        monkeypatch.setattr(common, "RESULTS", tmp_path / str(bool(where)))
+        common.run_configs(str(script), "toy", ["a", "bb", "ccc", "dddd"], ray=where)
+        written[where] = (tmp_path / str(bool(where)) / "toy.jsonl").read_text()
+    assert written[None] == written[ray_cluster] and written[None].count("\n") == 4
+    assert '"config": "dddd", "value": 16' in written[None]

@@ -53,6 +53,10 @@ def fit_cmd(
     budget = fit.Budget(parse_bytes(nbytes) if nbytes else None, parse_bytes(ram) if ram else None, min_decode, ctx)
     budget.check()
     check_output(out_dir, overwrite, "dir", inputs=_local_inputs(model, anchors))
+    if ray:  # before any work: an unreachable cluster is a one-line error, not one after the probe
+        from . import sweep
+
+        sweep.connect(ray)
     anc = report.Anchors.load(anchors)
     res = fit.run(model, budget, out_dir, windows, 2048, calib_windows, calib_len, removed, threads, overwrite, anc,
                   sizes=fractions, ray=ray)
