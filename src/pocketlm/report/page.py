@@ -161,11 +161,16 @@ def fit_page(fit: dict, anchors: Anchors) -> str:
     for c in fit["candidates"]:
         m, p = c.get("measured") or {}, c["predicted"]
         rows.append([c["name"], m.get("layers"), p.get("file_bytes"), p.get("ram_bytes"), p.get("decode_tok_s"),
-                     m.get("file_bytes"), m.get("kl"), m.get("ppl"), m.get("top1"), m.get("compress_s"),
+                     m.get("file_bytes"), m.get("ram_bytes"), m.get("decode_tok_s"), m.get("kl"), m.get("ppl"),
+                     m.get("top1"), m.get("compress_s"),
                      c.get("skipped") or ("chosen" if c["name"] == fit["chosen"] else "measured")])
     page.add("<h2>Candidates</h2>")
     page.add(_table(["candidate", "layers", "predicted file B", "predicted RAM B", "predicted decode tok/s",
-                     "file B", "KL", "perplexity", "top-1", "compress s", "outcome"], rows))
+                     "file B", "RAM B", "decode tok/s", "KL", "perplexity", "top-1", "compress s", "outcome"], rows))
+    page.add(f"<p class=note>Measured {html.escape(fit.get('runner', 'in process'))}; RAM and decode are measured "
+             "per candidate only for a RAM or speed budget. Second measurements of the best candidates: "
+             + html.escape(", ".join(f"{r['name']} {r['tg_tok_s']} tok/s" for r in fit.get("rechecked", [])) or "–")
+             + ".</p>")
     again = fit["chosen_measured_again"]
     page.add("<h2>The chosen file, measured again</h2>")
     page.add(_table(["file bytes", "peak RSS MiB", "KV cache MiB", "prefill tok/s", "decode tok/s", "budgets met"],
