@@ -5,10 +5,11 @@ default model, SmolLM2-135M, in PyTorch and in llama.cpp, and of compressed and 
 
 Configurations: ``float-torch`` (the float model in PyTorch, bfloat16 compute), ``float-f16-gguf``
 (the same weights as an F16 GGUF in llama.cpp), ``gguf:FILE`` (a GGUF file in the bench folder,
-e.g. ``gguf:llama.cpp-Q4_0.gguf``) and ``dir:NAME`` (a saved pocketlm result, e.g. the healed
-models ``bench/bench_recover.py`` keeps in POCKETLM_BENCH_DIR/recovered/, in PyTorch, bfloat16).
-Each line keeps the per-task acc_norm outcomes, so two rows compare task by task
-(``bench/table.py zeroshot``).
+e.g. ``gguf:llama.cpp-Q4_0.gguf``), ``torch:FILE`` (that file's weights, dequantized, in PyTorch,
+bfloat16: one quantized model in the two runtimes) and ``dir:NAME`` (a saved pocketlm result,
+e.g. the healed models ``bench/bench_recover.py`` keeps in POCKETLM_BENCH_DIR/recovered/, in
+PyTorch, bfloat16). Each line keeps the per-task acc_norm outcomes, so two rows compare task by
+task (``bench/table.py zeroshot``).
 """
 from __future__ import annotations
 
@@ -30,11 +31,11 @@ def one(name: str, limit: int) -> None:
     from pocketlm import models, zeroshot
 
     tasks = zeroshot.load_tasks("hellaswag", limit)
-    if name.startswith("dir:"):
-        where = DIR / "recovered" / name.removeprefix("dir:")
+    if name.startswith(("dir:", "torch:")):
+        where = DIR / "recovered" / name[4:] if name.startswith("dir:") else DIR / name.removeprefix("torch:")
         model, tok, _ = models.load(str(where))
         scorer = zeroshot.TorchChoices(model.to(torch.bfloat16))
-        runtime = "pytorch bfloat16"
+        runtime = "pytorch bfloat16" + (f" {where.name}" if name.startswith("torch:") else "")
     elif name == "float-torch":
         model, tok, _ = models.load("smollm2-135m")
         scorer = zeroshot.TorchChoices(model.to(torch.bfloat16))

@@ -48,24 +48,53 @@ def run_configs(script: str, bench: str, configs: list[str], extra: list[str] | 
     env = {"POCKETLM_QUIET": "1", "TQDM_DISABLE": "1"}
     items = [([sys.executable, str(Path(script).resolve()), "--one", cfg, *(extra or [])], env) for cfg in configs]
 
+    names: dict[int, list[str]] = {}
+
     def collect(i: int, r: dict) -> None:
         lines = [ln for ln in r["stdout"].splitlines() if ln.startswith("{")]
         if r["returncode"] != 0 or not lines:
             print(json.dumps({"bench": bench, "config": configs[i],
                               "error": (r["stderr"].strip().splitlines() or ["?"])[-1]}), flush=True)
             return
+        names[i] = []
         for line in lines:  # a configuration may report several results (each with its own name)
             print(line, flush=True)
-            _replace_line(out, json.loads(line).get("config", configs[i]), line)
+            names[i].append(json.loads(line).get("config", configs[i]))
+            _replace_line(out, names[i][-1], line)
     sweep.run(sweep.command, items, ray or os.environ.get("POCKETLM_RAY"), on_done=collect)
+    _order(out, [n for i in sorted(names) for n in names[i]])
 
 
 def _replace_line(out: Path, cfg: str, line: str) -> None:
-    """Keep one line per configuration: a rerun replaces that configuration's old result."""
-    kept = [ln for ln in (out.read_text().splitlines() if out.exists() else [])
-            if ln.strip() and json.loads(ln).get("config") != cfg]
+    """Keep one line per configuration: a rerun replaces that configuration's old result where
+    it stands; a new configuration is appended."""
+    lines = [ln for ln in (out.read_text().splitlines() if out.exists() else []) if ln.strip()]
+    at = [k for k, ln in enumerate(lines) if json.loads(ln).get("config") == cfg]
+    lines = [ln for k, ln in enumerate(lines) if k not in at[1:]]
+    if at:
+        lines[at[0]] = line
+    else:
+        lines.append(line)
+    _write_lines(out, lines)
+
+
+def _order(out: Path, names: list[str]) -> None:
+    """Put a sweep's lines in the order of its configurations (Ray tasks finish in any order),
+    in the places those lines hold, leaving every other line where it is."""
+    if not out.exists():
+        return
+    lines = out.read_text().splitlines()
+    want = list(dict.fromkeys(names))
+    slots = [k for k, ln in enumerate(lines) if ln.strip() and json.loads(ln).get("config") in want]
+    by_name = {json.loads(lines[k])["config"]: lines[k] for k in slots}
+    for k, name in zip(slots, [n for n in want if n in by_name]):
+        lines[k] = by_name[name]
+    _write_lines(out, lines)
+
+
+def _write_lines(out: Path, lines: list[str]) -> None:
     tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(k + "\n" for k in [*kept, line]))
+    tmp.write_text("".join(ln + "\n" for ln in lines if ln.strip()))
     tmp.replace(out)
 
 

@@ -237,17 +237,26 @@ def rope_table(rows: list[dict]) -> None:
 
 
 def zeroshot_table(rows: list[dict]) -> None:
-    """HellaSwag acc and acc_norm (+- SE); acc_norm against the float PyTorch model task by task."""
-    base = next((r for r in rows if r["config"] == "float-torch"), None)
-    print("| config | runtime | tasks | acc | acc_norm | acc_norm vs float-torch (paired, +- SE) | seconds |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    """HellaSwag acc and acc_norm (+- SE); acc_norm task by task against the float PyTorch model,
+    and for a GGUF file in llama.cpp against the same weights in PyTorch (``torch:FILE``)."""
+    by = {r["config"]: r for r in rows}
+    base = by.get("float-torch")
+    print("| config | runtime | tasks | acc | acc_norm | acc_norm vs float-torch (paired, +- SE) | "
+          "llama.cpp vs PyTorch, same weights (paired) | seconds |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        d = "–"
-        if base is not None and r is not base and len(base["correct_norm"]) == len(r["correct_norm"]):
-            m, se = _diff([float(x) for x in base["correct_norm"]], [float(x) for x in r["correct_norm"]])
-            d = f"{m:+.4f} +- {se:.4f}"
+        twin = by.get("float-torch" if r["config"] == "float-f16-gguf" else "torch:" + r["config"].removeprefix("gguf:"))
         print(f"| {r['config']} | {r['runtime']} | {r['tasks']:,} | {r['acc']:.4f} +- {r['acc_stderr']:.4f} | "
-              f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} | {d} | {r['seconds']:.0f} |")
+              f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} | {_paired_norm(base, r)} | "
+              f"{_paired_norm(twin, r) if r['config'].startswith(('gguf:', 'float-f16')) else '–'} | "
+              f"{r['seconds']:.0f} |")
+
+
+def _paired_norm(a: dict | None, b: dict) -> str:
+    if a is None or a is b or len(a["correct_norm"]) != len(b["correct_norm"]):
+        return "–"
+    m, se = _diff([float(x) for x in a["correct_norm"]], [float(x) for x in b["correct_norm"]])
+    return f"{m:+.4f} +- {se:.4f}"
 
 
 def kv_tables(rows: list[dict]) -> None:

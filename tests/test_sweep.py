@@ -1,4 +1,5 @@
 """sweep.py: a sweep's tasks in this process or on a Ray cluster, results in the items' order."""
+import json
 import sys
 
 import pytest
@@ -31,12 +32,34 @@ def test_command_returns_exit_code_and_output():
 
 def test_an_unreachable_cluster_is_one_line_naming_the_fix(monkeypatch):
     pytest.importorskip("ray")
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("this process is already connected to a cluster")
     with pytest.raises(PocketError, match="ray start --head"):
         sweep.connect("127.0.0.1:1")
+
+
+def _bench_common():
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import common
+
+    return common
+
+
+def _toy_script(tmp_path, values: str = "len(cfg) ** 2"):
+    script = tmp_path / "bench_toy.py"
+    script.write_text("import json, sys\ncfg = sys.argv[sys.argv.index('--one') + 1]\n"
+                      f"print(json.dumps({{'bench': 'toy', 'config': cfg, 'value': {values}}}))\n")
+    return str(script)
+
+
+def test_a_rerun_replaces_its_lines_in_place_and_keeps_the_others(tmp_path, monkeypatch):
+    common = _bench_common()
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    common.run_configs(_toy_script(tmp_path), "toy", ["a", "bb", "ccc"])
+    common.run_configs(_toy_script(tmp_path, "-len(cfg)"), "toy", ["ccc", "dddd", "a"])
+    rows = [json.loads(ln) for ln in (tmp_path / "toy.jsonl").read_text().splitlines()]
+    # the rerun's configurations take the places they held, in the order this run gave them
+    assert [(r["config"], r["value"]) for r in rows] == [("ccc", -3), ("bb", 4), ("dddd", -4), ("a", -1)]
 
 
 @pytest.mark.slow
@@ -53,18 +76,12 @@ def test_ray_tasks_give_the_in_process_results_in_order(ray_cluster):
 @pytest.mark.slow
 def test_a_benchmarks_configurations_on_a_ray_cluster_write_the_lines_written_in_process(ray_cluster, tmp_path,
                                                                                           monkeypatch):
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    import common
-
-    script = tmp_path / "bench_toy.py"
-    script.write_text("import json, sys\ncfg = sys.argv[sys.argv.index('--one') + 1]\n"
-                      "print(json.dumps({'bench': 'toy', 'config': cfg, 'value': len(cfg) ** 2}))\n")
+    common = _bench_common()
+    script = _toy_script(tmp_path)
     written = {}
     for where in (None, ray_cluster):
         monkeypatch.setattr(common, "RESULTS", tmp_path / str(bool(where)))
-        common.run_configs(str(script), "toy", ["a", "bb", "ccc", "dddd"], ray=where)
+        common.run_configs(script, "toy", ["a", "bb", "ccc", "dddd"], ray=where)
         written[where] = (tmp_path / str(bool(where)) / "toy.jsonl").read_text()
     assert written[None] == written[ray_cluster] and written[None].count("\n") == 4
     assert '"config": "dddd", "value": 16' in written[None]

@@ -65,7 +65,9 @@ def connect(address: str):
         import ray as R
     except ImportError:
         raise PocketError("--ray needs Ray: pip install 'pocketlm[ray]'") from None
-    if R.is_initialized():
+    if address != "auto":
+        _reachable(address)
+    if R.is_initialized():  # this process joined a cluster already (Ray allows one): keep it
         return R
     if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
         os.environ["RAY_AUTH_MODE"] = "token"  # what `ray start` does when it finds the token: do the same
@@ -76,15 +78,19 @@ def connect(address: str):
         except ConnectionError:  # no cluster running here: start one for this process
             R.init(**opts)
         return R
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:  # Ray itself retries an unreachable address for minutes
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
-    except (OSError, ValueError) as e:
-        raise PocketError(f"cannot reach a Ray cluster at {address} ({e}); start one with `ray start --head` "
-                          "or pass --ray auto") from None
     try:
         R.init(address=address, **opts)
     except (ConnectionError, ValueError) as e:
         raise PocketError(f"cannot reach a Ray cluster at {address} ({str(e).splitlines()[0]}); "
                           "start one with `ray start --head` or pass --ray auto") from None
     return R
+
+
+def _reachable(address: str) -> None:
+    """Refuse an address nothing listens on in one line (Ray itself retries it for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as e:
+        raise PocketError(f"cannot reach a Ray cluster at {address} ({e}); start one with `ray start --head` "
+                          "or pass --ray auto") from None
