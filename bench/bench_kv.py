@@ -6,9 +6,12 @@ quantized to IQ4_NL and run in llama.cpp (``kv1-*``).
 
 Sliding-window layers (``swa-*``): half the KV memory at 8,192 tokens with windows of 512
 tokens (16 of the 30 layers), the layers chosen by attention span on calibration text, or the
-last ones, or at random; scored on windows of 8,192 tokens (``--windows`` / 8 of them: the same
-text as the 2,048-token windows) with perplexity by position, against the float model on the
-same windows (``swa-none``). Calibration for the span: 4 windows of 2,048 tokens.
+last ones, or at random (``swa-random``: seed 0; ``swa-random-s1``..``-s4``: seeds 1 to 4);
+scored on windows of 8,192 tokens (``--windows`` / 8 of them: the same text as the 2,048-token
+windows) with perplexity by position, against the float model on the same windows
+(``swa-none``). Calibration for the span: 4 windows of 2,048 tokens. ``swa-span+recover``: the
+span-chosen model healed by distillation toward the float model (the ``recover`` stage; 120k
+tokens of the calibration text in windows of 2,048, so that the 512-token windows bite).
 
     .venv/bin/python bench/bench_kv.py [--calib-windows 16] [--windows 16] [--only a,b]
 
@@ -28,7 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import calibrated_main, emit, eval_fields  # noqa: E402
 
-CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf", "swa-none", "swa-span", "swa-last", "swa-random"]
+CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf", "swa-none", "swa-span", "swa-last", "swa-random",
+           *[f"swa-random-s{i}" for i in range(1, 5)], "swa-span+recover"]
+HEAL = {"method": "recover", "tokens": 120_000, "seq_len": 2048, "windows_per_step": 2, "memory": "8GiB"}
 LONG = 8192
 
 
@@ -46,15 +51,21 @@ def swa(name: str, windows: int, calib_windows: int) -> None:
     before = kv.cache_bytes(model.config, LONG)
     rep, seconds = {"layers": [], f"kv_bytes_at_{LONG}": [before, before]}, 0.0
     if name != "swa-none":
-        choose = name.removeprefix("swa-")
-        stage = {"method": "sliding-window", "window": 512, "kv_fraction": 0.5, "context": LONG, "choose": choose}
-        res = pocketlm.compress(model, {"name": name, "stages": [stage]}, tokenizer=tok,
+        choose, _, seed = name.removeprefix("swa-").removesuffix("+recover").partition("-s")
+        stage = {"method": "sliding-window", "window": 512, "kv_fraction": 0.5, "context": LONG, "choose": choose,
+                 "seed": int(seed or 0)}
+        heal = [HEAL] if name.endswith("+recover") else []
+        res = pocketlm.compress(model, {"name": name, "stages": [stage, *heal]}, tokenizer=tok,
                                 calibration=CalibrationConfig(windows=calib_windows, seq_len=2048))
         model, rep, seconds = res.model, res.stages[0], res.seconds
+        if heal:
+            h = res.stages[1]
+            rep = {**rep, "recover": {k: h[k] for k in ("tokens", "seconds_training", "loss_first", "loss_last")
+                                      if k in h}}
     r = evaluate_windows(model, win, reference=cache, corpus="wikitext2")
     emit({"bench": "kv", "config": name, "model": "smollm2-135m", "window": 512, "context": LONG,
           "sliding_layers": rep["layers"], "kv_bytes_at_8192": rep[f"kv_bytes_at_{LONG}"],
-          "local_mass": rep.get("local_mass"), **eval_fields(r), "bucket_start": r.bucket_start,
+          "local_mass": rep.get("local_mass"), "recover": rep.get("recover"), **eval_fields(r), "bucket_start": r.bucket_start,
           "bucket_ppl": r.bucket_ppl, "compress_s": round(seconds, 1)})
 
 

@@ -3,13 +3,14 @@ default model, SmolLM2-135M, in PyTorch and in llama.cpp, and of compressed and 
 
     .venv/bin/python bench/bench_zeroshot.py [--limit 2000] [--only a,b]
 
-Configurations: ``float-torch`` (the float model in PyTorch, bfloat16 compute), ``float-f16-gguf``
-(the same weights as an F16 GGUF in llama.cpp), ``gguf:FILE`` (a GGUF file in the bench folder,
-e.g. ``gguf:llama.cpp-Q4_0.gguf``), ``torch:FILE`` (that file's weights, dequantized, in PyTorch,
-bfloat16: one quantized model in the two runtimes) and ``dir:NAME`` (a saved pocketlm result,
-e.g. the healed models ``bench/bench_recover.py`` keeps in POCKETLM_BENCH_DIR/recovered/, in
-PyTorch, bfloat16). Each line keeps the per-task acc_norm outcomes, so two rows compare task by
-task (``bench/table.py zeroshot``).
+Configurations: ``float-torch`` (the float model in PyTorch), ``float-f16-gguf`` (the same
+weights as an F16 GGUF in llama.cpp), ``gguf:FILE`` (a GGUF file in the bench folder, e.g.
+``gguf:llama.cpp-Q4_0.gguf``), ``torch:FILE`` (that file's weights, dequantized, in PyTorch: one
+quantized model in the two runtimes) and ``dir:NAME`` (a saved pocketlm result, e.g. the healed
+models ``bench/bench_recover.py`` keeps in POCKETLM_BENCH_DIR/recovered/, in PyTorch). PyTorch
+computes in bfloat16 where this CPU multiplies it fast, else in float32 (the row's runtime says
+which). Each line keeps the per-task acc_norm outcomes, so two rows compare task by task
+(``bench/table.py zeroshot``).
 """
 from __future__ import annotations
 
@@ -28,18 +29,19 @@ CONFIGS = ["float-torch", "float-f16-gguf"]
 def one(name: str, limit: int) -> None:
     import torch
 
-    from pocketlm import models, zeroshot
+    from pocketlm import hardware, models, zeroshot
 
     tasks = zeroshot.load_tasks("hellaswag", limit)
+    dtype = hardware.compute_dtype("auto") or torch.float32  # bfloat16 only where this CPU is fast at it
     if name.startswith(("dir:", "torch:")):
         where = DIR / "recovered" / name[4:] if name.startswith("dir:") else DIR / name.removeprefix("torch:")
         model, tok, _ = models.load(str(where))
-        scorer = zeroshot.TorchChoices(model.to(torch.bfloat16))
-        runtime = "pytorch bfloat16" + (f" {where.name}" if name.startswith("torch:") else "")
+        scorer = zeroshot.TorchChoices(model.to(dtype))
+        runtime = f"pytorch {str(dtype)[6:]}" + (f" {where.name}" if name.startswith("torch:") else "")
     elif name == "float-torch":
         model, tok, _ = models.load("smollm2-135m")
-        scorer = zeroshot.TorchChoices(model.to(torch.bfloat16))
-        runtime = "pytorch bfloat16"
+        scorer = zeroshot.TorchChoices(model.to(dtype))
+        runtime = f"pytorch {str(dtype)[6:]}"
     else:
         from pocketlm.export import export_model
 

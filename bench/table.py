@@ -373,6 +373,11 @@ def swa_table(name: str = "kv") -> None:
         kvb = r["kv_bytes_at_8192"]
         print(f"| {r['config']} | {len(r['sliding_layers'])} | {kvb[0] / 2**20:.0f} -> {kvb[1] / 2**20:.0f} | "
               f"{r['ppl']:.3f} | {r['kl']:.4f} | " + " | ".join(f"{v:.2f}" for v in r["bucket_ppl"][::2]) + " |")
+    rand = [r for r in swa if r["config"].startswith("swa-random")]
+    if len(rand) > 1:
+        ppl, kl = [r["ppl"] for r in rand], [r["kl"] for r in rand]
+        print(f"\nRandom layers, {len(rand)} seeds: perplexity {min(ppl):.2f} to {max(ppl):.2f} (mean "
+              f"{sum(ppl) / len(ppl):.2f}), KL {min(kl):.4f} to {max(kl):.4f} (mean {sum(kl) / len(kl):.4f}).")
 
 
 def speed(rows: list[dict]) -> None:

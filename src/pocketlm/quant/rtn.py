@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 
+from .. import hardware
 from ..errors import warn
 from ..stages import Stage, register
 from .ggml import fallback, get_type, quantize_matrix
@@ -134,9 +135,10 @@ class Imatrix(QuantStage):
     sequential: bool = Field(True, description="statistics of each layer from the quantized earlier layers (one "
                                                "more pass per layer); false: all from the float model in one pass, "
                                                "as llama-imatrix does")
-    calib_dtype: Literal["float32", "bfloat16"] = Field(
+    calib_dtype: Literal["float32", "bfloat16", "auto"] = Field(
         "float32", description="bfloat16: the calibration pass runs under bfloat16 autocast (2-3x faster on CPUs "
-                               "with bfloat16 units; the weights stay float32, the statistics change little)")
+                               "with bfloat16 units; the weights stay float32, the statistics change little); "
+                               "auto: bfloat16 where this CPU multiplies it fast, else float32")
 
     needs_calibration = True
 
@@ -163,7 +165,7 @@ class Imatrix(QuantStage):
 
         proc = ImatrixProcessor(self.selects, quantize if self.sequential else None, head=self.embed is not None)
         run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="imatrix",
-                      compute_dtype=torch.bfloat16 if self.calib_dtype == "bfloat16" else None, stream=ctx.stream)
+                      compute_dtype=hardware.compute_dtype(self.calib_dtype), stream=ctx.stream)
         if not self.sequential:
             for name, h in proc.imatrix.items():
                 self.quantize_ggml(ctx, name, h)

@@ -12,7 +12,7 @@ from ..data import calibration_windows
 from ..errors import PocketError
 from ..models import layer_linears
 from ..stages import Stage, register
-from .. import memory
+from .. import hardware, memory
 from . import distill, plan as planner
 from .trainable import BlockGrid, GroupGrid, attach
 
@@ -47,7 +47,8 @@ class Recover(Stage):
     ce_weight: float = Field(0.0, ge=0, description="weight of next-token cross-entropy added to the KL")
     memory: str | None = Field(None, description="memory budget (e.g. 2GiB): plan micro-batch and recomputation")
     state_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="optimizer state dtype")
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="autocast dtype of training; auto: bfloat16 where this CPU multiplies it fast, else float32")
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     norms: bool = Field(True, description="also tune the decoder layers' norm weights")
     text: str | None = Field(None, description="training text (default: the calibration text)")
@@ -103,7 +104,7 @@ class Recover(Stage):
         model = ctx.model
         tr = attach(model, layer_linears(model), ctx.quant, ctx.masks, self.mode, self.rank, norms=self.norms,
                     rounding=self.rounding)
-        compute = torch.bfloat16 if self.compute_dtype == "bfloat16" else None
+        compute = hardware.compute_dtype(self.compute_dtype)
         n_train = tr.count()
         undo, plan = [], None
         if self.memory is not None:
@@ -139,6 +140,7 @@ class Recover(Stage):
                "trained_params": n_train, "frozen_linears": len(tr.frozen), "seconds_training": round(log.seconds, 1),
                "resumed_from_step": log.resumed_from, "loss_first": log.loss[0] if log.loss else None,
                "loss_last": log.loss[-1] if log.loss else None, "peak_rss_bytes": log.peak_rss,
+               "compute_dtype": "bfloat16" if compute is torch.bfloat16 else "float32",
                "curve": {"tokens": log.tokens, "loss": [round(x, 5) for x in log.loss]}}
         if plan is not None:
             rep["plan"] = plan.summary()
