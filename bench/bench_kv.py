@@ -65,8 +65,8 @@ def swa(name: str, windows: int, calib_windows: int) -> None:
     r = evaluate_windows(model, win, reference=cache, corpus="wikitext2")
     emit({"bench": "kv", "config": name, "model": "smollm2-135m", "window": 512, "context": LONG,
           "sliding_layers": rep["layers"], "kv_bytes_at_8192": rep[f"kv_bytes_at_{LONG}"],
-          "local_mass": rep.get("local_mass"), "recover": rep.get("recover"), **eval_fields(r), "bucket_start": r.bucket_start,
-          "bucket_ppl": r.bucket_ppl, "compress_s": round(seconds, 1)})
+          "local_mass": rep.get("local_mass"), "recover": rep.get("recover"), **eval_fields(r),
+          "bucket_start": r.bucket_start, "bucket_ppl": r.bucket_ppl, "compress_s": round(seconds, 1)})
 
 
 def one(name: str, windows: int, calib_windows: int) -> None:

@@ -4,7 +4,7 @@ bfloat16 halves activation memory and, on CPUs with bfloat16 units (AVX512-BF16,
 BF16), runs matrix products 2-3x faster than float32. On CPUs without them (most AVX2 laptops
 and many AMD servers) PyTorch falls back to a generic kernel that is tens of times slower than
 float32. ``compute_dtype("auto")`` measures both once per process on a small product and picks
-bfloat16 only where it is not slower.
+bfloat16 only where it is at most ``TOLERANCE`` times slower (it still halves the memory).
 """
 from __future__ import annotations
 
