@@ -36,6 +36,19 @@ def test_an_unreachable_cluster_is_one_line_naming_the_fix(monkeypatch):
         sweep.connect("127.0.0.1:1")
 
 
+def test_a_second_address_in_a_connected_process_is_refused_not_silently_replaced(monkeypatch):
+    import types
+
+    fake = types.SimpleNamespace(is_initialized=lambda: True)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(sweep, "_reachable", lambda address: None)
+    monkeypatch.setattr(sweep, "_JOINED", ["10.0.0.1:6379"])
+    assert sweep.connect("10.0.0.1:6379") is fake
+    assert sweep.connect("auto") is fake
+    with pytest.raises(PocketError, match="connected to the Ray cluster at 10.0.0.1:6379, not 10.0.0.2:6379"):
+        sweep.connect("10.0.0.2:6379")
+
+
 def _bench_common():
     from pathlib import Path
 

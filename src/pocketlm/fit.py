@@ -103,6 +103,7 @@ class Job:
 
 
 _LOADED: dict[str, tuple] = {}  # model spec -> (model, tokenizer), loaded once per process
+_WINDOWS: dict[tuple, object] = {}  # (model spec, seq_len, windows) -> evaluation windows
 
 
 def bench_file(path: Path, ctx: int, threads: int) -> dict:
@@ -173,7 +174,10 @@ def measure_task(job: Job) -> dict:
         c, folder = job.candidate, Path(job.folder)
         folder.mkdir(parents=True, exist_ok=True)
         Path(job.reference).parent.mkdir(parents=True, exist_ok=True)
-        win = eval_windows(tok, "wikitext2", job.seq_len, job.windows)
+        key = (job.model, job.seq_len, job.windows)
+        if key not in _WINDOWS:  # tokenized once per process, not once per candidate
+            _WINDOWS[key] = eval_windows(tok, "wikitext2", job.seq_len, job.windows)
+        win = _WINDOWS[key]
         ref = ReferenceCache.build(model, win, job.reference)
         path = measure(c, model, tok, job.source_gguf, win, ref, job.calibration, folder)
         if path is not None and job.bench:

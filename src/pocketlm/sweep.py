@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 from .errors import PocketError
 
+_JOINED: list[str] = []  # the address this process connected to (Ray allows one cluster per process)
+
 
 def run(fn: Callable, items: Sequence, ray: str | None = None, on_done: Callable | None = None,
         cpus: float = 1) -> list:
@@ -67,7 +69,10 @@ def connect(address: str):
         raise PocketError("--ray needs Ray: pip install 'pocketlm[ray]'") from None
     if address != "auto":
         _reachable(address)
-    if R.is_initialized():  # this process joined a cluster already (Ray allows one): keep it
+    if R.is_initialized():  # this process joined a cluster already (Ray allows one): keep it if it is that one
+        if address != "auto" and _JOINED and _JOINED[0] != address:
+            raise PocketError(f"this process is connected to the Ray cluster at {_JOINED[0]}, not {address}; "
+                              f"pass --ray {_JOINED[0]} or run the sweep in a new process")
         return R
     if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
         os.environ["RAY_AUTH_MODE"] = "token"  # what `ray start` does when it finds the token: do the same
@@ -83,6 +88,7 @@ def connect(address: str):
     except (ConnectionError, ValueError) as e:
         raise PocketError(f"cannot reach a Ray cluster at {address} ({str(e).splitlines()[0]}); "
                           "start one with `ray start --head` or pass --ray auto") from None
+    _JOINED[:] = [address]
     return R
 
 
