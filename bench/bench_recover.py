@@ -8,8 +8,8 @@ and by AdaShift (n = 10: its first step after 11 gradients) at the same learning
 
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
-(3-bit, tuned on its own grid: scales only, codes fixed; ``-lr1e-3``: at a learning rate of 1e-3 instead
-of 2e-4), ``gptq-w3-g128-rounding`` (the same,
+(3-bit, tuned on its own grid: scales only, codes fixed; ``-lr1e-3``, ``-lr5e-3``: scales and norms
+at that learning rate, instead of 1e-3 and 2e-4), ``gptq-w3-g128-rounding`` (the same,
 the codes trained too through the straight-through rounding, scales at grid_lr 1e-4; run with a
 higher --lr, e.g. 1e-3, so that codes can move), ``imatrix-iq4_nl`` (IQ4_NL, tuned
 on its block scales, exported and scored in llama.cpp too), ``kv1-aligned`` (3 KV heads merged into
@@ -41,11 +41,12 @@ COMPRESS = {
     "wanda-2of4+barber": [{"method": "wanda", "pattern": "2:4"}, {"method": "barber"}],
     "gptq-w3-g128": [{"method": "gptq", "bits": 3, "group_size": 128, "act_order": True, "damp": 0.1, "clip": True}],
     "imatrix-iq4_nl": [{"method": "imatrix", "format": "gguf-iq4_nl", "embed": "q8_0", "sequential": False,
-                        "calib_dtype": "bfloat16"}],
+                        "calib_dtype": "auto"}],
     "kv1-aligned": [{"method": "kv-heads", "kv_heads": 1, "merge": "aligned"}],
 }
 COMPRESS["gptq-w3-g128-rounding"] = COMPRESS["gptq-w3-g128"]  # healed with the rounding trained too
-COMPRESS["gptq-w3-g128-lr1e-3"] = COMPRESS["gptq-w3-g128"]  # scales at a learning rate of 1e-3
+for _lr in ("1e-3", "5e-3"):  # scales and norms at one learning rate
+    COMPRESS[f"gptq-w3-g128-lr{_lr}"] = COMPRESS["gptq-w3-g128"]
 SAVED = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf")) / "recovered"  # the healed models
 MEMORY = ["memory-2GiB-planned", "memory-2GiB-unplanned"]
 SWEEP_LR = ("3e-4", "1e-3", "3e-3")
@@ -125,9 +126,11 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
     folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
     cache = ReferenceCache.build(model, eval_windows(tok, "wikitext2", 2048, windows),
                                  folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x2048.f32")
-    if name.endswith("-lr1e-3"):
-        lr = 1e-3
-    recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {}),
+    grid_lr = {}
+    if "-lr" in name and name not in SWEEP:
+        lr = float(name.rsplit("-lr", 1)[1])
+        grid_lr = {"grid_lr": lr}
+    recover = {"method": "recover", "tokens": tokens, "optimizer": optimizer, **({"lr": lr} if lr else {}), **grid_lr,
                **({"windows_per_step": 2} if name in SWEEP else {}),
                **({"rounding": True, "grid_lr": 1e-4} if name.endswith("-rounding") else {})}
     stages = [*COMPRESS["shortgpt-25" if name in SWEEP else name], recover]
@@ -140,7 +143,8 @@ def one(name: str, windows: int, tokens: int, optimizer: str, lr: float | None) 
     res = pocketlm.compress(model, {"name": f"{name}+recover", "stages": stages}, tokenizer=tok, calibration=calib,
                             after_stage=before)
     measure(name if name in SWEEP else f"{name}+recover", res.model, tok, res, cache, windows,
-            {"optimizer": optimizer, "lr": lr or DEFAULT_LR[res.recipe.stages[-1].mode]})
+            {"optimizer": optimizer, "lr": lr or DEFAULT_LR[res.recipe.stages[-1].mode],
+             "grid_lr": res.recipe.stages[-1].grid_lr})
 
 
 def memory_run(name: str, model, tok) -> None:
