@@ -1,8 +1,7 @@
 """GGUF files against llama.cpp's own quantizer with an importance matrix, at equal bytes.
 
     .venv/bin/python bench/bench_gguf.py [--only a,b] [--windows 16] [--calib-windows 16]
-    .venv/bin/python bench/bench_gguf.py --speed A,B,... [--rounds 3]   # interleaved llama-bench-style runs of files
-    .venv/bin/python bench/bench_gguf.py --llama-bench A,B,... [--rounds 3]   # the same with llama.cpp's llama-bench
+    .venv/bin/python bench/bench_gguf.py --llama-bench A,B,... [--rounds 3]   # speed, interleaved llama-bench runs
     .venv/bin/python bench/table.py gguf                   # the table; --paired A B for differences
 
 Anchors, made by llama.cpp's own tools built from the pinned llama-cpp-python source
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ondevice import gguf_sizes, gguf_types, run_bench, score_gguf  # noqa: E402
+from bench_ondevice import gguf_sizes, gguf_types, score_gguf  # noqa: E402
 from common import RESULTS, _replace_line, calibrated_main, emit, eval_fields  # noqa: E402
 
 AUTOROUND = ["Q4_0", "Q4_K_M", "Q2_K_S"]  # AutoRound's GGUF presets (it writes no IQ4_NL)
@@ -315,23 +314,6 @@ def one(name: str, windows: int, n_calib: int) -> None:
         measure(name, path, windows, extra)
 
 
-def speed(names: list[str], rounds: int = 3) -> None:
-    """Prefill/decode speed of the named configs' files, interleaved over ``rounds`` passes."""
-    rows = {json.loads(x)["config"]: json.loads(x) for x in (RESULTS / f"{BENCH}.jsonl").read_text().splitlines()
-            if x.strip()}
-    best: dict[str, dict] = {}
-    for _ in range(rounds):
-        for n in names:
-            sp = run_bench(DIR / rows[n]["file"])
-            b = best.setdefault(n, dict(sp))
-            for k in ("pp_tok_s", "tg_tok_s"):
-                b[k] = max(b[k], sp[k])
-    for n in names:
-        line = emit({"bench": "gguf-speed", "config": n, "file": rows[n]["file"], "rounds": rounds, **best[n],
-                     "bench_threads": THREADS})
-        _replace_line(RESULTS / f"{BENCH}_speed.jsonl", n, line)
-
-
 def llama_bench(names: list[str], rounds: int = 3, reps: int = 5) -> None:
     """The same with llama.cpp's own ``llama-bench`` (no Python in the loop): each round runs
     every file (pp512 and tg128, ``reps`` repetitions each, its mean and standard deviation);
@@ -358,9 +340,8 @@ def llama_bench(names: list[str], rounds: int = 3, reps: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    if "--speed" in sys.argv or "--llama-bench" in sys.argv:
+    if "--llama-bench" in sys.argv:
         rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
-        flag = "--speed" if "--speed" in sys.argv else "--llama-bench"
-        (speed if flag == "--speed" else llama_bench)(sys.argv[sys.argv.index(flag) + 1].split(","), rounds)
+        llama_bench(sys.argv[sys.argv.index("--llama-bench") + 1].split(","), rounds)
     else:
         calibrated_main(__file__, BENCH, CONFIGS, one, 16)

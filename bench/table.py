@@ -41,8 +41,6 @@ COLUMNS = {
              ("compress_s", "compress s"), ("peak_rss_mib", "peak RSS MiB")],
     "gguf": [("config", "config"), ("bytes", "MiB"), ("file_bpw", "file bpw"), ("ppl", "perplexity"), ("kl", "KL"),
              ("top1", "top-1"), ("token_embd", "token_embd"), ("compress_s", "compress s")],
-    "gguf_speed": [("config", "config"), ("pp_tok_s", "prefill tok/s (pp512)"), ("tg_tok_s", "decode tok/s (tg128)"),
-                   ("rounds", "interleaved rounds, best of"), ("bench_threads", "threads")],
     "ondevice": [("config", "config"), ("bpw", "bpw"), ("bytes", "MiB"), ("ppl", "perplexity"), ("kl", "KL"),
                  ("top1", "top-1"), ("pp_tok_s", "prefill tok/s"), ("tg_tok_s", "decode tok/s"),
                  ("run_peak_rss_mib", "run peak RSS MiB"), ("token_embd", "token_embd")],
@@ -70,7 +68,7 @@ def main(name: str, only: list[str] | None = None) -> None:
         rows = [by[c] for c in only]
     if name == "engine_memory":
         return engine_memory(rows)
-    if name.endswith(("_speed", "_llama_bench")):
+    if name.endswith("_llama_bench"):
         return speed(rows)
     if name == "kv":
         return kv_tables(rows)
