@@ -1,9 +1,10 @@
 """HellaSwag zero-shot scoring (lm-eval's protocol) in PyTorch and llama.cpp."""
 import pytest
+import torch
 
 from pocketlm import zeroshot
 from pocketlm.export import gguf as G
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, make_tiny_gemma3
 
 pytestmark = pytest.mark.slow  # the real model, llama.cpp, training or a browser (not in make test-fast)
 
@@ -37,6 +38,28 @@ def test_acc_takes_the_sum_and_acc_norm_the_sum_per_byte(tokenizer):
     r = zeroshot.evaluate(_Fixed([[-2.0, -30.0, -9.0, -9.0], [-9.0, -1.0, -9.0, -9.0]]), tokenizer, [t, t])
     assert (r.acc, r.acc_norm, r.tasks) == (0.5, 0.5, 2)
     assert r.acc_stderr == pytest.approx(0.5)  # sample sd (0.707) over sqrt(2)
+
+
+def _full_sequence_loglik(model, ctx, c):
+    """The reference: the whole sequence in one forward pass, no cache."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ctx + c])).logits[0].float(), -1)
+    return float(lp[torch.arange(len(ctx) - 1, len(ctx) + len(c) - 1), torch.tensor(c)].sum())
+
+
+@pytest.mark.parametrize("make", [lambda: make_tiny(layers=2), lambda: make_tiny_gemma3(layers=3)],
+                         ids=["llama", "gemma3-sliding"])
+def test_the_cached_context_gives_the_full_sequence_loglik(tokenizer, make):
+    """Context once, continuations from its cache, equals each sequence scored whole (Gemma 3's
+    sliding-window layers, window 16, shorter than the contexts, included)."""
+    m = make()
+    torch_s = zeroshot.TorchChoices(m)
+    long = [enc for enc in map(lambda t: zeroshot.encode(tokenizer, t), zeroshot.load_tasks(limit=12))
+            if len(enc[0]) > 16]
+    assert len(long) >= 3
+    for ctx, conts in long[:3]:
+        want = [_full_sequence_loglik(m, ctx, c) for c in conts]
+        assert torch_s.loglik(ctx, conts) == pytest.approx(want, abs=1e-3)
 
 
 def test_torch_batch_equals_each_sequence_alone_and_llama_cpp_agrees(tmp_path, tokenizer):

@@ -82,9 +82,10 @@ def encode(tokenizer, task: Task) -> tuple[list[int], list[list[int]]]:
 
 
 class TorchChoices:
-    """Summed log-likelihood of each continuation, the four sequences in one right-padded batch
-    (causal attention: padding after a sequence cannot change it), the head applied only where
-    a continuation token is predicted."""
+    """Summed log-likelihood of each continuation: the context runs once and its keys and values
+    are cached; the continuations then run from that cache as one right-padded batch (causal
+    attention: padding after a sequence cannot change it); the head is applied only where a
+    continuation token is predicted."""
 
     def __init__(self, model):
         from .models import ModelAdapter
@@ -94,14 +95,18 @@ class TorchChoices:
 
     @torch.inference_mode()
     def loglik(self, ctx: list[int], conts: list[list[int]]) -> list[float]:
-        seqs = [ctx + c for c in conts]
-        ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.tensor(s)
-        hidden = self.adapter.hidden_states(ids.to(self.device))
+        dec = self.adapter.decoder
+        first = dec(input_ids=torch.tensor([ctx], device=self.device), use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(len(conts))
+        ids = torch.zeros(len(conts), max(map(len, conts)), dtype=torch.long)
+        for i, c in enumerate(conts):
+            ids[i, : len(c)] = torch.tensor(c)
+        rest = dec(input_ids=ids.to(self.device), past_key_values=cache, use_cache=True).last_hidden_state
+        last = first.last_hidden_state[0, -1:]  # predicts each continuation's first token
         out = []
         for i, c in enumerate(conts):
-            h = hidden[i, len(ctx) - 1 : len(ctx) - 1 + len(c)]
+            h = torch.cat([last, rest[i, : len(c) - 1]])
             lp = F.log_softmax(self.adapter.head(h).float(), dim=-1).cpu()
             out.append(float(lp[torch.arange(len(c)), torch.tensor(c)].sum()))
         return out
