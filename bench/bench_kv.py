@@ -6,7 +6,8 @@ quantized to IQ4_NL and run in llama.cpp (``kv1-*``).
 
 Sliding-window layers (``swa-*``): half the KV memory at 8,192 tokens with windows of 512
 tokens (16 of the 30 layers), the layers chosen by attention span on calibration text, or the
-last ones, or at random (``swa-random``: seed 0; ``swa-random-s1``..``-s4``: seeds 1 to 4);
+last ones, or at random (``swa-random``: seed 0; ``swa-random-s1``..``-s4``: seeds 1 to 4), or
+by the measured cost of converting each layer alone (``swa-cost``, on one calibration window);
 scored on windows of 8,192 tokens (``--windows`` / 8 of them: the same text as the 2,048-token
 windows) with perplexity by position, against the float model on the same windows
 (``swa-none``). Calibration for the span: 4 windows of 2,048 tokens. ``swa-span+recover``: the
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import calibrated_main, emit, eval_fields  # noqa: E402
 
 CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf", "swa-none", "swa-span", "swa-last", "swa-random",
-           *[f"swa-random-s{i}" for i in range(1, 5)], "swa-span+recover"]
+           *[f"swa-random-s{i}" for i in range(1, 5)], "swa-span+recover", "swa-cost"]
 HEAL = {"method": "recover", "tokens": 120_000, "seq_len": 2048, "windows_per_step": 2, "memory": "8GiB"}
 LONG = 8192
 
@@ -65,7 +66,8 @@ def swa(name: str, windows: int, calib_windows: int) -> None:
     r = evaluate_windows(model, win, reference=cache, corpus="wikitext2")
     emit({"bench": "kv", "config": name, "model": "smollm2-135m", "window": 512, "context": LONG,
           "sliding_layers": rep["layers"], "kv_bytes_at_8192": rep[f"kv_bytes_at_{LONG}"],
-          "local_mass": rep.get("local_mass"), "recover": rep.get("recover"), **eval_fields(r),
+          "local_mass": rep.get("local_mass"), "cost": rep.get("cost"), "recover": rep.get("recover"),
+          **eval_fields(r),
           "bucket_start": r.bucket_start, "bucket_ppl": r.bucket_ppl, "compress_s": round(seconds, 1)})
 
 

@@ -86,3 +86,13 @@ def test_gemma3_keeps_its_architecture_and_gains_a_sliding_layer():
                        "export": [{"format": "gguf"}]}, calibration=WINDOWS)
     assert res.model.config.model_type == "gemma3_text"
     assert res.model.config.layer_types == ["sliding_attention"] * 3
+
+
+def test_the_measured_cost_converts_the_planted_local_layer_first():
+    """Converting a layer that attends (almost) only to the current token changes little, so its
+    cost is the lowest; converting any layer changes something."""
+    res = compress(_planted(1), {"stages": [{"method": "sliding-window", "window": 8, "n": 1, "choose": "cost",
+                                             "cost_windows": 2}]}, calibration=WINDOWS)
+    rep = res.stages[0]
+    assert rep["layers"] == [1]
+    assert 0 < rep["cost"][1] < min(rep["cost"][0], rep["cost"][2])

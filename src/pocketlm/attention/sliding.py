@@ -3,7 +3,10 @@ the last ``window`` tokens in the KV cache, the others staying global (hybrid lo
 attention, as Gemma 3 ships it), to a KV budget at a given context.
 
 Which layers: the most local ones on calibration text (``span``: the largest share of attention
-mass within the window, ``attention.span``), or the last ones, or random ones (baselines).
+mass within the window, ``attention.span``), or the cheapest ones measured (``cost``: each
+layer converted alone, the KL divergence of the converted model's next-token distribution from
+the unconverted one on calibration windows, the layers of least divergence taken; one forward
+pass per layer and window), or the last ones, or random ones (baselines).
 
 Where the runtimes can express it: transformers takes per-layer sliding windows for Gemma 3,
 Qwen2/Qwen3 (``layer_types``); a Llama/Mistral model is rewritten as the Qwen2 architecture,
@@ -59,8 +62,10 @@ class SlidingWindow(Stage):
     kv_fraction: float | None = Field(None, gt=0, lt=1, description="instead: the share of the KV cache at "
                                                                       "`context` tokens to keep")
     context: int = Field(8192, ge=2, description="the context the KV budget is for")
-    choose: Literal["span", "last", "random"] = Field("span", description="the most local layers on calibration "
-                                                                           "text, the last ones, or random ones")
+    choose: Literal["span", "cost", "last", "random"] = Field(
+        "span", description="the most local layers on calibration text, the layers whose conversion alone changes "
+                            "the output least on it, the last ones, or random ones")
+    cost_windows: int = Field(1, ge=1, description="calibration windows the cost of each layer is measured on")
     seed: int = Field(0, description="seed for choose=random")
 
     @model_validator(mode="after")
@@ -79,7 +84,7 @@ class SlidingWindow(Stage):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.choose == "span"
+        return self.choose in ("span", "cost")
 
     def count(self, n_layers: int) -> int:
         if self.n is not None:
@@ -101,25 +106,56 @@ class SlidingWindow(Stage):
         k = self.count(len(types))
         if k > len(full):
             raise PocketError(f"only {len(full)} layers are global; cannot convert {k}")
-        span = None
-        if self.choose == "span":
+        span = cost = None
+        if self.choose in ("span", "cost"):
             windows = ctx.windows()
             if windows.shape[1] <= self.window:
                 raise PocketError(f"calibration windows of {windows.shape[1]} tokens cannot show attention beyond a "
                                   f"window of {self.window}; calibrate on longer windows (--calib-len)")
+        if self.choose == "span":
             span = [row[0] for row in attention_span(model, windows, (self.window,), ctx.calibration.offload)]
             chosen = sorted(sorted(full, key=lambda i: -span[i])[:k])
+        elif self.choose == "cost":
+            cost = dict(zip(full, conversion_cost(model, windows[: self.cost_windows], full, self._changes(mt, types))))
+            chosen = sorted(sorted(full, key=lambda i: cost[i])[:k])
         elif self.choose == "last":
             chosen = full[-k:]
         else:
             chosen = sorted(random.Random(self.seed).sample(full, k))
         before = kv.cache_bytes(model.config, self.context)
-        for i in chosen:
-            types[i] = "sliding_attention"
-        changes = {"layer_types": types, "sliding_window": self.window}
-        if mt in ("qwen2", "qwen3") or mt in REWRITE:
-            changes.update(use_sliding_window=True, max_window_layers=0)
-        new = rebuild(model, REWRITE.get(mt, mt), **changes)
+        new = rebuild(model, REWRITE.get(mt, mt), **self._changes(mt, types)(chosen))
         ctx.model, ctx.adapter = new, ModelAdapter(new)
         return {"layers": chosen, "window": self.window, "architecture": [mt, new.config.model_type],
-                "local_mass": span, f"kv_bytes_at_{self.context}": [before, kv.cache_bytes(new.config, self.context)]}
+                "local_mass": span, "cost": None if cost is None else [cost.get(i) for i in range(len(types))],
+                f"kv_bytes_at_{self.context}": [before, kv.cache_bytes(new.config, self.context)]}
+
+    def _changes(self, mt: str, types: list[str]):
+        """layers -> the config changes that turn those layers (and the already sliding ones) into
+        sliding-window layers, with the architecture's switches for per-layer windows."""
+        def changes(layers) -> dict:
+            t = ["sliding_attention" if i in layers else x for i, x in enumerate(types)]
+            out = {"layer_types": t, "sliding_window": self.window}
+            if mt in ("qwen2", "qwen3") or mt in REWRITE:
+                out.update(use_sliding_window=True, max_window_layers=0)
+            return out
+        return changes
+
+
+@torch.no_grad()
+def conversion_cost(model, windows: torch.Tensor, layers: list[int], changes) -> list[float]:
+    """Per layer in ``layers``: the mean KL divergence (nats per token) of the next-token
+    distribution of the model with that layer alone made sliding (``changes([layer])``) from
+    the model's own, over the tokens of ``windows``."""
+    mt = model.config.model_type
+    device = next(model.parameters()).device
+    ref = [torch.log_softmax(model(w[None].to(device)).logits[0].float(), -1) for w in windows]
+    out = []
+    for layer in layers:
+        conv = rebuild(model, REWRITE.get(mt, mt), **changes([layer]))
+        kl = 0.0
+        for w, r in zip(windows, ref):
+            lp = torch.log_softmax(conv(w[None].to(device)).logits[0].float(), -1)
+            kl += float((r.exp() * (r - lp)).sum(-1).mean())
+        out.append(kl / len(windows))
+        del conv
+    return out
