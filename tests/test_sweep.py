@@ -49,6 +49,22 @@ def test_a_second_address_in_a_connected_process_is_refused_not_silently_replace
         sweep.connect("10.0.0.2:6379")
 
 
+def test_after_auto_an_explicit_address_must_name_the_cluster_auto_joined(monkeypatch):
+    import types
+
+    state = {"up": False}
+    fake = types.SimpleNamespace(is_initialized=lambda: state["up"],
+                                 init=lambda **kw: state.update(up=True),
+                                 get_runtime_context=lambda: types.SimpleNamespace(gcs_address="10.0.0.1:6379"))
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(sweep, "_reachable", lambda address: None)
+    monkeypatch.setattr(sweep, "_JOINED", [])
+    assert sweep.connect("auto") is fake
+    assert sweep.connect("10.0.0.1:6379") is fake
+    with pytest.raises(PocketError, match="connected to the Ray cluster at 10.0.0.1:6379, not 10.0.0.2:6379"):
+        sweep.connect("10.0.0.2:6379")
+
+
 def _bench_common():
     from pathlib import Path
 

@@ -82,6 +82,7 @@ def connect(address: str):
             R.init(address="auto", **opts)
         except ConnectionError:  # no cluster running here: start one for this process
             R.init(**opts)
+        _JOINED[:] = [R.get_runtime_context().gcs_address]  # what a later explicit address must name
         return R
     try:
         R.init(address=address, **opts)
