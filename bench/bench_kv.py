@@ -10,9 +10,10 @@ last ones, or at random (``swa-random``: seed 0; ``swa-random-s1``..``-s4``: see
 by the measured cost of converting each layer alone (``swa-cost``, on one calibration window);
 scored on windows of 8,192 tokens (``--windows`` / 8 of them: the same text as the 2,048-token
 windows) with perplexity by position, against the float model on the same windows
-(``swa-none``). Calibration for the span: 4 windows of 2,048 tokens. ``swa-span+recover``: the
-span-chosen model healed by distillation toward the float model (the ``recover`` stage; 120k
-tokens of the calibration text in windows of 2,048, so that the 512-token windows bite).
+(``swa-none``). Calibration for the span: 4 windows of 2,048 tokens. ``swa-span+recover``,
+``swa-cost+recover``: the chosen model healed by distillation toward the float model (the
+``recover`` stage; 120k tokens of the calibration text in windows of 2,048, so that the
+512-token windows bite).
 
     .venv/bin/python bench/bench_kv.py [--calib-windows 16] [--windows 16] [--only a,b]
 
@@ -32,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import calibrated_main, emit, eval_fields  # noqa: E402
 
-CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf", "swa-none", "swa-span", "swa-last", "swa-random",
-           *[f"swa-random-s{i}" for i in range(1, 5)], "swa-span+recover", "swa-cost"]
+CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf", "swa-none", "swa-span", "swa-cost", "swa-last",
+           "swa-random", *[f"swa-random-s{i}" for i in range(1, 5)], "swa-span+recover", "swa-cost+recover"]
 HEAL = {"method": "recover", "tokens": 120_000, "seq_len": 2048, "windows_per_step": 2, "memory": "8GiB"}
 LONG = 8192
 

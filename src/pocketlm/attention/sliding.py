@@ -2,11 +2,12 @@
 the last ``window`` tokens in the KV cache, the others staying global (hybrid local/global
 attention, as Gemma 3 ships it), to a KV budget at a given context.
 
-Which layers: the most local ones on calibration text (``span``: the largest share of attention
-mass within the window, ``attention.span``), or the cheapest ones measured (``cost``: each
-layer converted alone, the KL divergence of the converted model's next-token distribution from
-the unconverted one on calibration windows, the layers of least divergence taken; one forward
-pass per layer and window), or the last ones, or random ones (baselines).
+Which layers: the cheapest ones measured (``cost``, the default: each layer converted alone,
+the KL divergence of the converted model's next-token distribution from the unconverted one on
+calibration windows, the layers of least divergence taken; one forward pass per layer and
+window), or the most local ones on calibration text (``span``: the largest share of attention
+mass within the window, ``attention.span``; cheaper, but attention mass ranks layers only
+roughly by what converting them costs), or the last ones, or random ones (baselines).
 
 Where the runtimes can express it: transformers takes per-layer sliding windows for Gemma 3,
 Qwen2/Qwen3 (``layer_types``); a Llama/Mistral model is rewritten as the Qwen2 architecture,
@@ -62,9 +63,9 @@ class SlidingWindow(Stage):
     kv_fraction: float | None = Field(None, gt=0, lt=1, description="instead: the share of the KV cache at "
                                                                       "`context` tokens to keep")
     context: int = Field(8192, ge=2, description="the context the KV budget is for")
-    choose: Literal["span", "cost", "last", "random"] = Field(
-        "span", description="the most local layers on calibration text, the layers whose conversion alone changes "
-                            "the output least on it, the last ones, or random ones")
+    choose: Literal["cost", "span", "last", "random"] = Field(
+        "cost", description="the layers whose conversion alone changes the output least on calibration text, the "
+                            "most local layers on it, the last ones, or random ones")
     cost_windows: int = Field(1, ge=1, description="calibration windows the cost of each layer is measured on")
     seed: int = Field(0, description="seed for choose=random")
 
