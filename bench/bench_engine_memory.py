@@ -57,7 +57,8 @@ def main():
     t = time.perf_counter()
     run_layerwise(model, windows, hessian_stats(a.modify), offload=a.offload)
     secs = time.perf_counter() - t
-    emit({"bench": "engine_memory", "windows": a.windows, "seq_len": a.seq_len, "offload": a.offload, "modify": a.modify,
+    emit({"bench": "engine_memory", "windows": a.windows, "seq_len": a.seq_len, "offload": a.offload,
+          "modify": a.modify,
           "seconds": round(secs, 1), "tokens_per_s": round(a.windows * a.seq_len / secs, 1),
           "rss_after_load_mib": round(base_rss, 1), "peak_rss_before_engine_mib": round(peak_before, 1),
           "model_mib": round(model_mib, 1), "one_layer_activations_mib": round(act_mib, 1),

@@ -15,6 +15,11 @@ windows) with perplexity by position, against the float model on the same window
 ``recover`` stage; 120k tokens of the calibration text in windows of 2,048, so that the
 512-token windows bite).
 
+POCKETLM_BENCH_MODEL=gemma3-270m runs the sliding-window configurations on Gemma-3-270M (results
+in bench/results/kv-gemma3-270m.jsonl): it has 3 global layers among 18 (the others slide over
+512 tokens already), so one more is converted (``n: 1``), and ``swa-layer-K`` converts layer K,
+so that every choice can be checked against each layer's own cost on the evaluation text.
+
     .venv/bin/python bench/bench_kv.py [--calib-windows 16] [--windows 16] [--only a,b]
 
 One JSON line per result (also in bench/results/kv.jsonl): WikiText-2 perplexity on the first
@@ -37,6 +42,11 @@ CONFIGS = ["kv1-mean", "kv1-aligned", "kv1-aligned+iq4_nl-gguf", "swa-none", "sw
            "swa-random", *[f"swa-random-s{i}" for i in range(1, 5)], "swa-span+recover", "swa-cost+recover"]
 HEAL = {"method": "recover", "tokens": 120_000, "seq_len": 2048, "windows_per_step": 2, "memory": "8GiB"}
 LONG = 8192
+MODEL = os.environ.get("POCKETLM_BENCH_MODEL", "smollm2-135m")
+BENCH = "kv" if MODEL == "smollm2-135m" else f"kv-{MODEL}"
+SIZE = {"gemma3-270m": {"n": 1}}.get(MODEL, {"kv_fraction": 0.5})  # how many layers to make sliding
+if MODEL == "gemma3-270m":
+    CONFIGS = ["swa-none", "swa-cost", "swa-span", "swa-last", *[f"swa-layer-{k}" for k in (5, 11, 17)]]
 
 
 def swa(name: str, windows: int, calib_windows: int) -> None:
@@ -46,16 +56,18 @@ def swa(name: str, windows: int, calib_windows: int) -> None:
     from pocketlm.data import eval_windows
     from pocketlm.measure import ReferenceCache, evaluate_windows
 
-    model, tok, _ = models.load("smollm2-135m")
+    model, tok, _ = models.load(MODEL)
     win = eval_windows(tok, "wikitext2", LONG, windows)
     folder = Path(os.environ.get("POCKETLM_REF_CACHE", tempfile.gettempdir()))
-    cache = ReferenceCache.build(model, win, folder / f"pocketlm-ref-smollm2-wikitext2-{windows}x{LONG}.f32")
+    tag = "smollm2" if MODEL == "smollm2-135m" else MODEL
+    cache = ReferenceCache.build(model, win, folder / f"pocketlm-ref-{tag}-wikitext2-{windows}x{LONG}.f32")
     before = kv.cache_bytes(model.config, LONG)
     rep, seconds = {"layers": [], f"kv_bytes_at_{LONG}": [before, before]}, 0.0
     if name != "swa-none":
         choose, _, seed = name.removeprefix("swa-").removesuffix("+recover").partition("-s")
-        stage = {"method": "sliding-window", "window": 512, "kv_fraction": 0.5, "context": LONG, "choose": choose,
-                 "seed": int(seed or 0)}
+        which = ({"layers": [int(choose.removeprefix("layer-"))]} if choose.startswith("layer-")
+                 else {**SIZE, "choose": choose, "seed": int(seed or 0)})
+        stage = {"method": "sliding-window", "window": 512, "context": LONG, **which}
         heal = [HEAL] if name.endswith("+recover") else []
         res = pocketlm.compress(model, {"name": name, "stages": [stage, *heal]}, tokenizer=tok,
                                 calibration=CalibrationConfig(windows=calib_windows, seq_len=2048))
@@ -65,7 +77,7 @@ def swa(name: str, windows: int, calib_windows: int) -> None:
             rep = {**rep, "recover": {k: h[k] for k in ("tokens", "seconds_training", "loss_first", "loss_last")
                                       if k in h}}
     r = evaluate_windows(model, win, reference=cache, corpus="wikitext2")
-    emit({"bench": "kv", "config": name, "model": "smollm2-135m", "window": 512, "context": LONG,
+    emit({"bench": BENCH, "config": name, "model": MODEL, "window": 512, "context": LONG,
           "sliding_layers": rep["layers"], "kv_bytes_at_8192": rep[f"kv_bytes_at_{LONG}"],
           "local_mass": rep.get("local_mass"), "cost": rep.get("cost"), "recover": rep.get("recover"),
           **eval_fields(r),
@@ -112,4 +124,4 @@ def one(name: str, windows: int, calib_windows: int) -> None:
 
 
 if __name__ == "__main__":
-    calibrated_main(__file__, "kv", list(CONFIGS), one, 16)
+    calibrated_main(__file__, BENCH, list(CONFIGS), one, 16)

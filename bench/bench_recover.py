@@ -4,7 +4,8 @@ toward the float one on the Python-docs calibration text only, then scored on Wi
     .venv/bin/python bench/bench_recover.py [--tokens 300000] [--windows 16] [--only a,b]
 
 ``sweep-OPT-LR``: ShortGPT-25% healed with 40,960 tokens (40 steps of 2 windows of 512) by AdamW
-and by AdaShift (n = 10: its first step after 11 gradients) at the same learning rates (the loss curves: ``table.py recover --curves``).
+and by AdaShift (n = 10: its first step after 11 gradients) at the same learning rates (the
+loss curves: ``table.py recover --curves``).
 
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
@@ -16,10 +17,10 @@ on its block scales, exported and scored in llama.cpp too), ``kv1-aligned`` (3 K
 1 after alignment); each reports the compressed model (``NAME``, measured before recovery, in
 the same run) and the recovered one (``NAME+recover``), and checks that the structure survived
 training and a save and reload (pruned weights zero, N:M groups, layer and head counts, codes on
-the grid); the compressed and the recovered model stay in POCKETLM_BENCH_DIR/recovered/NAME (default
-/tmp/pocketlm-gguf) for zero-shot runs (``bench/bench_zeroshot.py``). ``memory-2GiB`` plans a LoRA recovery of the 2:4 model to 2 GiB and runs it, and
-runs the same micro-batch without recomputation, each in its own process, reading the
-kernel's peak RSS.
+the grid); the compressed and the recovered model stay in POCKETLM_BENCH_DIR/recovered/NAME
+(default /tmp/pocketlm-gguf) for zero-shot runs (``bench/bench_zeroshot.py``). ``memory-2GiB``
+plans a LoRA recovery of the 2:4 model to 2 GiB and runs it, and runs the same micro-batch
+without recomputation, each in its own process, reading the kernel's peak RSS.
 
 One JSON line per result (also in bench/results/recover.jsonl): perplexity, KL and top-1 against
 the float model (its log-probabilities cached in POCKETLM_REF_CACHE, default /tmp) on the first

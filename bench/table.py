@@ -8,7 +8,7 @@ or compare two of its configurations window by window.
     python bench/table.py gguf --plot          # bench/results/gguf.png: KL and perplexity against file size
     python bench/table.py gguf --timing        # llama.cpp's imatrix path and pocketlm's, wall-clock
     python bench/table.py gguf-gemma3-270m --versus   # the same on another model's results
-    python bench/table.py kv [--swa]           # fewer KV heads; --swa: sliding-window layers
+    python bench/table.py kv [--swa]           # fewer KV heads; --swa: sliding-window layers (kv-MODEL --swa)
     python bench/table.py recover [--memory|--sweep|--curves]   # recovery: healed models; planned
                                                # memory; AdamW vs AdaShift; loss curves (PNG)
     python bench/table.py gptq --rows A,B,...  # only these configurations, in this order
@@ -243,7 +243,8 @@ def zeroshot_table(rows: list[dict]) -> None:
           "llama.cpp vs PyTorch, same weights (paired) | seconds |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        twin = by.get("float-torch" if r["config"] == "float-f16-gguf" else "torch:" + r["config"].removeprefix("gguf:"))
+        twin = by.get("float-torch" if r["config"] == "float-f16-gguf"
+                      else "torch:" + r["config"].removeprefix("gguf:"))
         print(f"| {r['config']} | {r['runtime']} | {r['tasks']:,} | {r['acc']:.4f} +- {r['acc_stderr']:.4f} | "
               f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} | {_paired_norm(base, r)} | "
               f"{_paired_norm(twin, r) if r['config'].startswith(('gguf:', 'float-f16')) else '–'} | "
@@ -325,7 +326,8 @@ def recover_sweep(rows: list[dict]) -> None:
     rows = sorted((r for r in rows if r["config"].startswith("sweep-")), key=lambda r: (r["optimizer"], r["lr"]))
     if not rows:
         raise SystemExit("no sweep results yet: run bench/bench_recover.py --only sweep-adamw-3e-4,...")
-    print("| optimizer | learning rate | trained tokens | final loss (mean of last 5 steps) | perplexity | KL | top-1 |")
+    print("| optimizer | learning rate | trained tokens | final loss (mean of last 5 steps) | perplexity | KL "
+          "| top-1 |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         loss = r["curve"]["loss"][-5:]
@@ -433,8 +435,9 @@ ANCHORS = ("llama.cpp", "auto-round")
 
 
 def versus(name: str = "gguf", only: list[str] | None = None) -> None:
-    """For every file of another tool (llama.cpp, AutoRound): the pocketlm file with the lowest KL among those of no more
-    bytes, and the paired difference over the evaluation windows (pocketlm minus llama.cpp)."""
+    """For every file of another tool (llama.cpp, AutoRound): the pocketlm file with the lowest KL
+    among those of no more bytes, and the paired difference over the evaluation windows (pocketlm
+    minus llama.cpp)."""
     rows = [r for r in _rows(name) if "kl" in r]
     mine = [r for r in rows if r.get("source") == "pocketlm"]
     print("| other tool's file | MiB | perplexity | KL | pocketlm file | MiB | perplexity | KL | KL difference "
@@ -528,8 +531,8 @@ def run(args: list[str]) -> None:
         timing(args[0])
     elif len(args) == 2 and args[0].startswith("gguf") and args[1] == "--plot":
         plot(args[0])
-    elif args == ["kv", "--swa"]:
-        swa_table()
+    elif len(args) == 2 and args[0].startswith("kv") and args[1] == "--swa":
+        swa_table(args[0])
     elif args == ["recover", "--memory"]:
         recover_memory(_rows("recover"))
     elif args == ["recover", "--sweep"]:

@@ -96,3 +96,14 @@ def test_the_measured_cost_converts_the_planted_local_layer_first():
     rep = res.stages[0]
     assert rep["layers"] == [1]
     assert 0 < rep["cost"][1] < min(rep["cost"][0], rep["cost"][2])
+
+
+def test_given_layers_are_converted_and_a_layer_already_sliding_is_refused():
+    res = compress(make_tiny(layers=3), {"stages": [{"method": "sliding-window", "window": 16, "layers": [0, 2]}]})
+    assert res.stages[0]["layers"] == [0, 2]
+    assert res.model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
+    gemma = make_tiny_gemma3(layers=3)  # layers 0, 1 slide already
+    with pytest.raises(PocketError, match=r"layers \[1\] are not global layers .* \(global: \[2\]\)"):
+        compress(gemma, {"stages": [{"method": "sliding-window", "window": 16, "layers": [1]}]})
+    with pytest.raises(Exception, match="exactly one of n, kv_fraction or layers"):
+        SlidingWindow(window=16, n=1, layers=[0])

@@ -55,13 +55,15 @@ def rebuild(model, model_type: str, **changes):
 
 @register
 class SlidingWindow(Stage):
-    """Turn ``n`` layers (or as many as the KV budget needs) into sliding-window layers."""
+    """Turn ``n`` layers (or as many as the KV budget needs, or the ``layers`` given) into
+    sliding-window layers."""
 
     method: Literal["sliding-window"] = "sliding-window"
     window: int = Field(512, ge=1, description="tokens a sliding-window layer attends to (and caches)")
     n: int | None = Field(None, ge=1, description="how many layers to convert")
     kv_fraction: float | None = Field(None, gt=0, lt=1, description="instead: the share of the KV cache at "
                                                                       "`context` tokens to keep")
+    layers: list[int] | None = Field(None, min_length=1, description="instead: exactly these layers (global ones)")
     context: int = Field(8192, ge=2, description="the context the KV budget is for")
     choose: Literal["cost", "span", "last", "random"] = Field(
         "cost", description="the layers whose conversion alone changes the output least on calibration text, the "
@@ -71,8 +73,8 @@ class SlidingWindow(Stage):
 
     @model_validator(mode="after")
     def _one(self):
-        if (self.n is None) == (self.kv_fraction is None):
-            raise ValueError("give exactly one of n or kv_fraction")
+        if sum(x is not None for x in (self.n, self.kv_fraction, self.layers)) != 1:
+            raise ValueError("give exactly one of n, kv_fraction or layers")
         if self.window >= self.context:
             raise ValueError(f"window {self.window} must be shorter than context {self.context}")
         return self
@@ -85,7 +87,7 @@ class SlidingWindow(Stage):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.choose in ("span", "cost")
+        return self.layers is None and self.choose in ("span", "cost")
 
     def count(self, n_layers: int) -> int:
         if self.n is not None:
@@ -104,6 +106,8 @@ class SlidingWindow(Stage):
             raise PocketError(f"sliding-window layers: no runtime takes them for '{mt}' models")
         types = list(getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers)
         full = [i for i, t in enumerate(types) if t != "sliding_attention"]
+        if self.layers is not None:
+            return self._convert(ctx, types, sorted(set(self._given(full, len(types)))))
         k = self.count(len(types))
         if k > len(full):
             raise PocketError(f"only {len(full)} layers are global; cannot convert {k}")
@@ -123,11 +127,25 @@ class SlidingWindow(Stage):
             chosen = full[-k:]
         else:
             chosen = sorted(random.Random(self.seed).sample(full, k))
+        return self._convert(ctx, types, chosen, {"local_mass": span, "cost": None if cost is None else
+                                                  [cost.get(i) for i in range(len(types))]})
+
+    def _given(self, full: list[int], n_layers: int) -> list[int]:
+        bad = [i for i in self.layers if i not in full]
+        if bad:
+            raise PocketError(f"layers {bad} are not global layers of this {n_layers}-layer model "
+                              f"(global: {full}); list only those")
+        return self.layers
+
+    def _convert(self, ctx, types: list[str], chosen: list[int], found: dict | None = None) -> dict:
+        """Rebuild the model with ``chosen`` made sliding; the report."""
+        model = ctx.model
+        mt = model.config.model_type
         before = kv.cache_bytes(model.config, self.context)
         new = rebuild(model, REWRITE.get(mt, mt), **self._changes(mt, types)(chosen))
         ctx.model, ctx.adapter = new, ModelAdapter(new)
         return {"layers": chosen, "window": self.window, "architecture": [mt, new.config.model_type],
-                "local_mass": span, "cost": None if cost is None else [cost.get(i) for i in range(len(types))],
+                "local_mass": None, "cost": None, **(found or {}),
                 f"kv_bytes_at_{self.context}": [before, kv.cache_bytes(new.config, self.context)]}
 
     def _changes(self, mt: str, types: list[str]):
