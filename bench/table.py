@@ -383,24 +383,28 @@ def swa_table(name: str = "kv") -> None:
 def speed(rows: list[dict]) -> None:
     """Interleaved llama-bench-style speed; each pocketlm file against llama.cpp's file of the
     preset it copies the types of (``<method>-like-<PRESET>`` against ``llama.cpp-<PRESET>``): the
-    ratio of the medians, and the median over rounds of each round's ratio (a round runs every
-    file one after the other, so its ratio is free of the machine's drift between rounds)."""
-    import statistics
-
+    ratio of the medians, and each round's ratio (a round runs every file one after the other, so
+    its ratio is free of the machine's drift between rounds) as the geometric mean over rounds
+    with its standard error."""
     by = {r["config"]: r for r in rows}
 
     def per_round(r, ref, key):
         a, b = r.get(f"{key}_rounds"), ref.get(f"{key}_rounds")
-        return f"{statistics.median(x / y for x, y in zip(a, b)) - 1:+.1%}" if a and b and len(a) == len(b) else "–"
+        if not a or not b or len(a) != len(b) or len(a) < 2:
+            return "–"
+        d = [math.log(x / y) for x, y in zip(a, b)]
+        m = sum(d) / len(d)
+        se = math.sqrt(sum((v - m) ** 2 for v in d) / (len(d) - 1) / len(d))
+        return f"{math.exp(m) - 1:+.1%} +- {se:.1%}"
 
-    print("| file | prefill tok/s (pp512) | decode tok/s (tg128) | against llama.cpp's file of the preset: "
-          "prefill | decode | per round (median): prefill | decode |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| file | rounds | prefill tok/s (pp512) | decode tok/s (tg128) | against llama.cpp's file of the preset: "
+          "prefill | decode | per round (mean +- SE): prefill | decode |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ref = by.get("llama.cpp-" + r["config"].split("-like-")[1]) if "-like-" in r["config"] else None
         rel = (f"{r['pp_tok_s'] / ref['pp_tok_s'] - 1:+.1%} | {r['tg_tok_s'] / ref['tg_tok_s'] - 1:+.1%} | "
                f"{per_round(r, ref, 'pp')} | {per_round(r, ref, 'tg')}" if ref else "– | – | – | –")
-        print(f"| {r['config']} | {r['pp_tok_s']:.1f} | {r['tg_tok_s']:.1f} | {rel} |")
+        print(f"| {r['config']} | {r['rounds']} | {r['pp_tok_s']:.1f} | {r['tg_tok_s']:.1f} | {rel} |")
 
 
 def timing(name: str = "gguf") -> None:
