@@ -1,7 +1,7 @@
 """GGUF files against llama.cpp's own quantizer with an importance matrix, at equal bytes.
 
     .venv/bin/python bench/bench_gguf.py [--only a,b] [--windows 16] [--calib-windows 16]
-    .venv/bin/python bench/bench_gguf.py --llama-bench A,B,... [--rounds 3]   # speed, interleaved llama-bench runs
+    .venv/bin/python bench/bench_gguf.py --llama-bench A,B,... [--rounds 3] [--reps 5]   # speed, interleaved llama-bench
     .venv/bin/python bench/table.py gguf                   # the table; --paired A B for differences
 
 Anchors, made by llama.cpp's own tools built from the pinned llama-cpp-python source
@@ -317,14 +317,15 @@ def one(name: str, windows: int, n_calib: int) -> None:
 def llama_bench(names: list[str], rounds: int = 3, reps: int = 5) -> None:
     """The same with llama.cpp's own ``llama-bench`` (no Python in the loop): each round runs
     every file (pp512 and tg128, ``reps`` repetitions each, its mean and standard deviation);
-    rounds interleave the files; the per-round means are kept, and the median reported."""
+    rounds interleave the files, in reverse order every other round (so that neither file always
+    runs first); the per-round means are kept, and the median reported."""
     import statistics
 
     rows = {json.loads(x)["config"]: json.loads(x) for x in (RESULTS / f"{BENCH}.jsonl").read_text().splitlines()
             if x.strip()}
     got: dict[str, dict[str, list[float]]] = {n: {"pp": [], "tg": []} for n in names}
-    for _ in range(rounds):
-        for n in names:
+    for i in range(rounds):
+        for n in names if i % 2 == 0 else names[::-1]:
             out = subprocess.run([str(tools() / "llama-bench"), "-m", str(DIR / rows[n]["file"]), "-p", "512",
                                   "-n", "128", "-r", str(reps), "-t", str(THREADS), "-o", "json"],
                                  check=True, capture_output=True, text=True).stdout
@@ -342,6 +343,7 @@ def llama_bench(names: list[str], rounds: int = 3, reps: int = 5) -> None:
 if __name__ == "__main__":
     if "--llama-bench" in sys.argv:
         rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
-        llama_bench(sys.argv[sys.argv.index("--llama-bench") + 1].split(","), rounds)
+        reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 5
+        llama_bench(sys.argv[sys.argv.index("--llama-bench") + 1].split(","), rounds, reps)
     else:
         calibrated_main(__file__, BENCH, CONFIGS, one, 16)
