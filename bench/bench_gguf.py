@@ -1,7 +1,7 @@
 """GGUF files against llama.cpp's own quantizer with an importance matrix, at equal bytes.
 
     .venv/bin/python bench/bench_gguf.py [--only a,b] [--windows 16] [--calib-windows 16]
-    .venv/bin/python bench/bench_gguf.py --llama-bench A,B,... [--rounds 3] [--reps 5]   # speed, interleaved llama-bench
+    .venv/bin/python bench/bench_gguf.py --llama-bench A,B,... [--rounds 3] [--reps 5]   # speed: llama-bench
     .venv/bin/python bench/table.py gguf                   # the table; --paired A B for differences
 
 Anchors, made by llama.cpp's own tools built from the pinned llama-cpp-python source
