@@ -161,20 +161,27 @@ class SlidingWindow(Stage):
 
 
 @torch.no_grad()
-def conversion_cost(model, windows: torch.Tensor, layers: list[int], changes) -> list[float]:
+def conversion_cost(model, windows: torch.Tensor, layers: list[int], changes, chunk: int = 512) -> list[float]:
     """Per layer in ``layers``: the mean KL divergence (nats per token) of the next-token
     distribution of the model with that layer alone made sliding (``changes([layer])``) from
-    the model's own, over the tokens of ``windows``."""
+    the model's own, over the tokens of ``windows``. Only final hidden states are kept; the head
+    is applied ``chunk`` positions at a time (a large vocabulary's logits of a whole window
+    would not fit)."""
     mt = model.config.model_type
     device = next(model.parameters()).device
-    ref = [torch.log_softmax(model(w[None].to(device)).logits[0].float(), -1) for w in windows]
+    head = ModelAdapter(model).head
+    ref = [ModelAdapter(model).hidden_states(w[None].to(device))[0] for w in windows]
     out = []
     for layer in layers:
         conv = rebuild(model, REWRITE.get(mt, mt), **changes([layer]))
-        kl = 0.0
-        for w, r in zip(windows, ref):
-            lp = torch.log_softmax(conv(w[None].to(device)).logits[0].float(), -1)
-            kl += float((r.exp() * (r - lp)).sum(-1).mean())
-        out.append(kl / len(windows))
+        adapter, kl, n = ModelAdapter(conv), 0.0, 0
+        for w, h_ref in zip(windows, ref):
+            h = adapter.hidden_states(w[None].to(device))[0]
+            for c in range(0, h.shape[0], chunk):
+                r = torch.log_softmax(head(h_ref[c : c + chunk]).float(), -1)
+                lp = torch.log_softmax(adapter.head(h[c : c + chunk]).float(), -1)
+                kl += float((r.exp() * (r - lp)).sum())
+                n += r.shape[0]
+        out.append(kl / n)
         del conv
     return out
