@@ -46,7 +46,7 @@ MODEL = os.environ.get("POCKETLM_BENCH_MODEL", "smollm2-135m")
 BENCH = "kv" if MODEL == "smollm2-135m" else f"kv-{MODEL}"
 SIZE = {"gemma3-270m": {"n": 1}}.get(MODEL, {"kv_fraction": 0.5})  # how many layers to make sliding
 if MODEL == "gemma3-270m":
-    CONFIGS = ["swa-none", "swa-cost", "swa-span", "swa-last", *[f"swa-layer-{k}" for k in (5, 11, 17)]]
+    CONFIGS = ["swa-none", "swa-cost", "swa-span", *[f"swa-layer-{k}" for k in (5, 11, 17)]]
 
 
 def swa(name: str, windows: int, calib_windows: int) -> None:
