@@ -366,7 +366,7 @@ def swa_table(name: str = "kv") -> None:
     if not swa:
         raise SystemExit("no sliding-window results yet: run bench/bench_kv.py --only swa-none,swa-span,...")
     starts = swa[0]["bucket_start"]
-    print("| config | sliding layers | KV MiB at 8,192 (f16) | perplexity | KL | " +
+    print("| config | layers made sliding | KV MiB at 8,192 (f16) | perplexity | KL | " +
           " | ".join(f"ppl from {s:,}" for s in starts[::2]) + " |")
     print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in starts[::2]) + " |")
     for r in swa:
