@@ -169,8 +169,9 @@ def conversion_cost(model, windows: torch.Tensor, layers: list[int], changes, ch
     would not fit)."""
     mt = model.config.model_type
     device = next(model.parameters()).device
-    head = ModelAdapter(model).head
-    ref = [ModelAdapter(model).hidden_states(w[None].to(device))[0] for w in windows]
+    own = ModelAdapter(model)
+    head = own.head
+    ref = [own.hidden_states(w[None].to(device))[0] for w in windows]
     out = []
     for layer in layers:
         conv = rebuild(model, REWRITE.get(mt, mt), **changes([layer]))
