@@ -28,6 +28,7 @@ bench/results/gguf-gemma3-270m.jsonl and its files to a subfolder of the bench d
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -341,9 +342,12 @@ def llama_bench(names: list[str], rounds: int = 3, reps: int = 5) -> None:
 
 
 if __name__ == "__main__":
-    if "--llama-bench" in sys.argv:
-        rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
-        reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 5
-        llama_bench(sys.argv[sys.argv.index("--llama-bench") + 1].split(","), rounds, reps)
+    if "--llama-bench" in sys.argv:  # the speed mode has its own options
+        ap = argparse.ArgumentParser(description="GGUF files' speed in llama-bench, rounds in alternating order")
+        ap.add_argument("--llama-bench", required=True, help="comma-separated configurations (their files)")
+        ap.add_argument("--rounds", type=int, default=3, help="rounds over all files")
+        ap.add_argument("--reps", type=int, default=5, help="llama-bench repetitions per file and round")
+        a = ap.parse_args()
+        llama_bench(a.llama_bench.split(","), a.rounds, a.reps)
     else:
         calibrated_main(__file__, BENCH, CONFIGS, one, 16)
