@@ -18,6 +18,7 @@ or compare two of its configurations window by window.
     python bench/table.py fit --speed          # pocketlm fit to a decode speed, measured again
     python bench/table.py rope                 # the RoPE-base bound: the paper's rows, then each model's
     python bench/table.py zeroshot             # HellaSwag acc / acc_norm, paired against the float model
+    python bench/table.py zeroshot --recover   # healed models (dir:NAME+recover) against their compressed ones
     python bench/table.py engine_memory        # the layer-wise engine's memory
     python bench/table.py stream               # a model larger than its memory cap, streamed vs in memory
     python bench/table.py --update-docs        # regenerate the <!-- table: ARGS --> blocks of README and docs/
@@ -249,6 +250,25 @@ def zeroshot_table(rows: list[dict]) -> None:
               f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} | {_paired_norm(base, r)} | "
               f"{_paired_norm(twin, r) if r['config'].startswith(('gguf:', 'float-f16')) else '–'} | "
               f"{r['seconds']:.0f} |")
+
+
+def zeroshot_recover(rows: list[dict]) -> None:
+    """Each saved compressed model (``dir:NAME``) beside its healed one (``dir:NAME+recover``):
+    HellaSwag acc_norm, and task by task against the float model and against the model before
+    recovery."""
+    by = {r["config"]: r for r in rows}
+    pairs = [(by[c.removesuffix("+recover")], by[c]) for c in by
+             if c.startswith("dir:") and c.endswith("+recover") and c.removesuffix("+recover") in by]
+    if not pairs:
+        raise SystemExit("no dir:NAME and dir:NAME+recover pair in zeroshot.jsonl")
+    print("| model | tasks | acc | acc_norm | acc_norm vs float-torch (paired, +- SE) | "
+          "acc_norm vs before recovery (paired) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for before, after in pairs:
+        for r in (before, after):
+            print(f"| {r['config'][4:]} | {r['tasks']:,} | {r['acc']:.4f} +- {r['acc_stderr']:.4f} | "
+                  f"{r['acc_norm']:.4f} +- {r['acc_norm_stderr']:.4f} | {_paired_norm(by.get('float-torch'), r)} | "
+                  f"{_paired_norm(before, r) if r is after else '–'} |")
 
 
 def _paired_norm(a: dict | None, b: dict) -> str:
@@ -543,6 +563,8 @@ def run(args: list[str]) -> None:
         recover_sweep(_rows("recover"))
     elif args == ["recover", "--curves"]:
         recover_curves()
+    elif args == ["zeroshot", "--recover"]:
+        zeroshot_recover(_rows("zeroshot"))
     elif len(args) == 3 and args[1] == "--rows":
         main(args[0], args[2].split(","))
     elif args == ["fit", "--speed"]:
