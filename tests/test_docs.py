@@ -44,7 +44,6 @@ def test_adding_a_method_example_registers_and_compresses():
 def test_every_table_in_the_docs_is_generated_from_the_bench_results():
     """README and docs/ quote benchmark numbers only through ``<!-- table: ARGS -->`` blocks whose
     body is exactly ``bench/table.py ARGS`` on bench/results/ (nothing hand-copied)."""
-
     table = runpy.run_path(str(DOCS.parent / "bench" / "table.py"))
     assert table["update_docs"](check=True) == []
     blocks = [m for doc in [DOCS.parent / "README.md", *DOCS.glob("*.md")]
