@@ -9,7 +9,7 @@ loss curves: ``table.py recover --curves``).
 
 Configurations: ``shortgpt-25`` (8 of 30 layers removed by Block Influence),
 ``wanda-2of4+barber`` (2:4 sparsity, Wanda then the LLM-Barber rebuild), ``gptq-w3-g128``
-(3-bit, tuned on its own grid: scales only, codes fixed; ``-lr1e-3``, ``-lr5e-3``: scales and norms
+(3-bit, tuned on its own grid: scales only, codes fixed; ``-lr1e-3``, ``-lr5e-3``, ``-lr1e-2``: scales and norms
 at that learning rate, instead of 1e-3 and 2e-4), ``gptq-w3-g128-rounding`` (the same,
 the codes trained too through the straight-through rounding, scales at grid_lr 1e-4; run with a
 higher --lr, e.g. 1e-3, so that codes can move), ``imatrix-iq4_nl`` (IQ4_NL, tuned
@@ -46,7 +46,7 @@ COMPRESS = {
     "kv1-aligned": [{"method": "kv-heads", "kv_heads": 1, "merge": "aligned"}],
 }
 COMPRESS["gptq-w3-g128-rounding"] = COMPRESS["gptq-w3-g128"]  # healed with the rounding trained too
-for _lr in ("1e-3", "5e-3"):  # scales and norms at one learning rate
+for _lr in ("1e-3", "5e-3", "1e-2"):  # scales and norms at one learning rate
     COMPRESS[f"gptq-w3-g128-lr{_lr}"] = COMPRESS["gptq-w3-g128"]
 SAVED = Path(os.environ.get("POCKETLM_BENCH_DIR", "/tmp/pocketlm-gguf")) / "recovered"  # the healed models
 MEMORY = ["memory-2GiB-planned", "memory-2GiB-unplanned"]
