@@ -67,9 +67,11 @@ def structure(model, ctx) -> dict:
         nm = int(k.reshape(k.shape[0], -1, 4).sum(-1).max()) if k.shape[1] % 4 == 0 else None
     on_grid = True
     for name, rec in ctx.quant.items():
-        w = model.get_submodule(name).weight.detach()
-        if hasattr(rec, "to_quantized"):
-            on_grid &= bool(torch.equal(rec.to_quantized(w).dequantize(), w.float()))
+        w = model.get_submodule(name).weight.detach().float()
+        if hasattr(rec, "to_quantized"):  # a pocketlm grid: the codes rebuilt from the weight
+            on_grid &= bool(torch.equal(rec.to_quantized(w).dequantize(), w))
+        else:  # a GGML block type: the weight is exactly what its packed bytes (the file's) dequantize to
+            on_grid &= bool(torch.equal(rec.weight.dequantize(), w))
     cfg = model.config
     return {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads, "pruned_weights_zero": zeros_kept,
             "max_kept_per_4": nm, "codes_on_grid": on_grid,

@@ -11,6 +11,7 @@ or compare two of its configurations window by window.
     python bench/table.py kv [--swa]           # fewer KV heads; --swa: sliding-window layers (kv-MODEL --swa)
     python bench/table.py recover [--memory|--sweep|--curves]   # recovery: healed models; planned
                                                # memory; AdamW vs AdaShift; loss curves (PNG)
+    python bench/table.py recover --gguf       # models on a GGUF grid: PyTorch against their exported file
     python bench/table.py gptq --rows A,B,...  # only these configurations, in this order
     python bench/table.py prune --rebuild      # each pruner against its LLM-Barber rebuild, paired over windows
     python bench/table.py prune --layers       # ShortGPT's layers against random and last layers
@@ -325,6 +326,30 @@ def recover_table(rows: list[dict]) -> None:
     print(f"\nFloat model: perplexity {rows[0]['base_ppl']:.3f} on the same {rows[0]['windows']} windows.")
 
 
+def recover_gguf(rows: list[dict]) -> None:
+    """Models tuned on a GGUF grid, before and after recovery: KL in PyTorch against KL of the
+    exported file in llama.cpp, and the healed file's KL paired window by window against the
+    file before recovery."""
+    rows = [r for r in rows if "gguf_kl" in r]
+    if not rows:
+        raise SystemExit("no GGUF recovery results yet: run bench/bench_recover.py --only imatrix-iq4_nl")
+    by = {r["config"]: r for r in rows}
+    print("| config | file MiB | trained tokens | perplexity (PyTorch) | KL (PyTorch) | perplexity (llama.cpp) | "
+          "KL (llama.cpp) | KL vs before recovery (llama.cpp, paired, +- SE) | windows lower |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        st = _recover_stage(r)
+        before = by.get(r["config"].removesuffix("+recover")) if st else None
+        vs, lower = "–", "–"
+        if before is not None:
+            m, se = _diff(before["gguf_window_kl"], r["gguf_window_kl"])
+            vs = f"{m:+.4f} +- {se:.4f}"
+            lower = f"{sum(b < a for a, b in zip(before['gguf_window_kl'], r['gguf_window_kl']))} of {r['windows']}"
+        tokens = f"{st['tokens']:,}" if st else "–"
+        print(f"| {r['config']} | {r['file_bytes'] / 2**20:.1f} | {tokens} | {r['ppl']:.3f} | {r['kl']:.4f} | "
+              f"{r['gguf_ppl']:.3f} | {r['gguf_kl']:.4f} | {vs} | {lower} |")
+
+
 def recover_memory(rows: list[dict]) -> None:
     rows = [r for r in rows if r["config"].startswith("memory-")]
     if not rows:
@@ -559,6 +584,8 @@ def run(args: list[str]) -> None:
         swa_table(args[0])
     elif args == ["recover", "--memory"]:
         recover_memory(_rows("recover"))
+    elif args == ["recover", "--gguf"]:
+        recover_gguf(_rows("recover"))
     elif args == ["recover", "--sweep"]:
         recover_sweep(_rows("recover"))
     elif args == ["recover", "--curves"]:
