@@ -80,5 +80,6 @@ def test_truncated_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "cut.gguf"
     with open(src, "rb") as f:
         bad.write_bytes(f.read(3_000_000))
-    with pytest.raises(PocketError, match="not a valid GGUF file: tensor .token_embd.weight. .* runs past the end of the file"):
+    with pytest.raises(PocketError,
+                       match="not a valid GGUF file: tensor .token_embd.weight. .* runs past the end of the file"):
         models.load(str(bad))

@@ -139,7 +139,8 @@ def test_heads_that_differ_by_rotations_merge_without_loss_when_aligned(setting)
 def test_impossible_head_counts_are_refused():
     m = make_tiny(heads=4, kv_heads=2)
     with pytest.raises(PocketError, match="the model has 2 KV heads and 4 query heads"):
-        compress(m, {"stages": [{"method": "kv-heads", "kv_heads": 3}]}, calibration=torch.zeros(1, 8, dtype=torch.long))
+        compress(m, {"stages": [{"method": "kv-heads", "kv_heads": 3}]},
+                 calibration=torch.zeros(1, 8, dtype=torch.long))
     with pytest.raises(PocketError, match="below one KV head per layer"):
         compress(m, {"stages": [{"method": "kv-heads", "kv_bytes_per_token": 10}]},
                  calibration=torch.zeros(1, 8, dtype=torch.long))

@@ -10,7 +10,8 @@ from pocketlm import PocketError, models
 def test_default_model_facts_and_sane_generation(smol):
     model, tok, src = smol
     d = models.info(model, src)
-    assert (d["architecture"], d["layers"], d["hidden_size"], d["attention_heads"], d["kv_heads"]) == ("llama", 30, 576, 9, 3)
+    shape = (d["architecture"], d["layers"], d["hidden_size"], d["attention_heads"], d["kv_heads"])
+    assert shape == ("llama", 30, 576, 9, 3)
     assert d["rope_theta"] == 1e5 and d["tied_embeddings"]
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
@@ -23,7 +24,8 @@ def test_saved_model_reloads_to_the_same_logits(tmp_path):
 
     model = make_tiny(layers=2)
     models.save(model, None, tmp_path / "m")
-    again, _, _ = models.load(str(tmp_path / "m")) if (tmp_path / "m" / "tokenizer.json").exists() else (None, None, None)
+    has_tok = (tmp_path / "m" / "tokenizer.json").exists()
+    again, _, _ = models.load(str(tmp_path / "m")) if has_tok else (None, None, None)
     from transformers import AutoModelForCausalLM
 
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")

@@ -31,7 +31,8 @@ def sharded(tmp_path_factory):
 def test_journal_entries_are_spaced_in_time_but_every_stage_ends_with_one(sharded, windows, tmp_path, monkeypatch):
     entries = []
     real = S.Streamer._journal
-    monkeypatch.setattr(S.Streamer, "_journal", lambda self, n, *a: entries.append((self.stage, n)) or real(self, n, *a))
+    monkeypatch.setattr(S.Streamer, "_journal",
+                        lambda self, n, *a: entries.append((self.stage, n)) or real(self, n, *a))
     pocketlm.compress(str(sharded), TWO, calibration=windows, stream=tmp_path / "work")
     assert entries == [(0, 4), (1, 0), (1, 4), (2, 0)]  # the default spacing (a minute) outlasts this run
 
@@ -354,7 +355,8 @@ def test_cli_streams_by_itself_when_the_model_would_not_fit(sharded, tmp_path, m
     from pocketlm import memory
 
     (tmp_path / "c.txt").write_text("the quick brown fox jumps over the lazy dog. " * 50)
-    args = ["compress", str(sharded), "--calib-windows", "2", "--calib-len", "32", "--calib-text", str(tmp_path / "c.txt")]
+    args = ["compress", str(sharded), "--calib-windows", "2", "--calib-len", "32",
+            "--calib-text", str(tmp_path / "c.txt")]
     gptq = tmp_path / "g.yaml"
     gptq.write_text("name: g\nstages:\n  - method: gptq\n    bits: 4\n    group_size: 32\n")
     load = models.load

@@ -126,7 +126,8 @@ def _sensitivity(model: str, out_dir: Path, calib_windows: int, calib_len: int, 
     res = ana.run(m, tok, out_dir, calib_windows, calib_len, sensitivity, bit_list, group_size)
     label = res["specs"][min(1, len(res["specs"]) - 1)]
     rows, cols, vals = ana.layer_table(res, label)
-    t = Table(title=f"{sensitivity} sensitivity of {model} at {label} (estimated loss increase; higher = more sensitive)")
+    t = Table(title=f"{sensitivity} sensitivity of {model} at {label} "
+                    "(estimated loss increase; higher = more sensitive)")
     t.add_column("layer")
     for c in cols:
         t.add_column(c, justify="right")

@@ -26,7 +26,8 @@ def _warn_context(config, seq_len: int) -> None:
 
 def eval_cmd(
     model: str = typer.Argument(..., help="built-in name, .gguf file, model directory or hub id"),
-    ppl: str = typer.Option("wikitext2", "--ppl", help="evaluation text: wikitext2, a .txt file or hf:NAME:CONFIG:SPLIT"),
+    ppl: str = typer.Option("wikitext2", "--ppl",
+                            help="evaluation text: wikitext2, a .txt file or hf:NAME:CONFIG:SPLIT"),
     windows: Optional[int] = typer.Option(None, help="number of windows (default: all, the standard protocol)"),
     seq_len: int = typer.Option(2048, help="tokens per window (stride = window)"),
     kl_against: Optional[str] = typer.Option(None, help="reference model for KL divergence and top-1 agreement"),

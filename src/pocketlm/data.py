@@ -77,7 +77,8 @@ def _hub_text(spec: str) -> str:
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # network or name errors come in many types
-        raise PocketError(f"could not load {spec} from the hub ({type(e).__name__}); use a local text file instead") from None
+        raise PocketError(f"could not load {spec} from the hub ({type(e).__name__}); "
+                          "use a local text file instead") from None
     rows = [r for r in ds[column] if r and r.strip()]
     return "\n".join(rows)
 
@@ -118,7 +119,8 @@ def eval_windows(tokenizer, corpus: str = "wikitext2", seq_len: int = 2048,
     ids = tokenize(tokenizer, load_text(corpus))
     n = ids.numel() // seq_len
     if n == 0:
-        raise PocketError(f"{corpus} has {ids.numel()} tokens, fewer than one window of {seq_len}; use a shorter --seq-len")
+        raise PocketError(f"{corpus} has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+                          "use a shorter --seq-len")
     if max_windows is not None:
         n = min(n, max_windows)
     return _with_bos(ids[: n * seq_len].view(n, seq_len), tokenizer)

@@ -14,8 +14,9 @@ perplexity against the float model on WikiText-2 windows), and for a speed or RA
 llama.cpp too; if none of them meets the budget as measured, each layer count gets one more
 candidate at the size its smallest measured file says would fit. The lowest KL that meets every
 measured budget wins; the chosen file's speed and RAM are measured again in a fresh process, and
-if that second measurement misses a budget, the next candidate is taken. Candidates can run as Ray tasks (``ray=``, see ``sweep.py``). Everything
-decided is in ``fit.json`` and ``report.html`` beside ``model.gguf``.
+if that second measurement misses a budget, the next candidate is taken. Candidates can run as
+Ray tasks (``ray=``, see ``sweep.py``). Everything decided is in ``fit.json`` and
+``report.html`` beside ``model.gguf``.
 """
 from __future__ import annotations
 

@@ -15,7 +15,8 @@ def param_bytes(module: nn.Module) -> int:
     a model whose config ties its head to its embedding counts them once even before the tie)."""
     seen, total = set(), 0
     head = None  # a head the config ties but that is not (yet) the embedding itself
-    if getattr(getattr(module, "config", None), "tie_word_embeddings", False) and hasattr(module, "get_output_embeddings"):
+    tied = getattr(getattr(module, "config", None), "tie_word_embeddings", False)
+    if tied and hasattr(module, "get_output_embeddings"):
         out = getattr(module.get_output_embeddings(), "weight", None)
         head = out if out is not getattr(module.get_input_embeddings(), "weight", None) else None
     for p in module.parameters():

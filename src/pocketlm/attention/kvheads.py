@@ -41,7 +41,8 @@ def _new_linear(w: torch.Tensor, b: torch.Tensor | None, like: torch.nn.Linear) 
 class _Merger(HessianProcessor):
     def __init__(self, stage: "KVHeads", config):
         self.stage, self.config = stage, config
-        self.report = {"groups": [], "key_error": {"mean": [], "aligned": []}, "value_error": {"mean": [], "aligned": []}}
+        self.report = {"groups": [], "key_error": {"mean": [], "aligned": []},
+                       "value_error": {"mean": [], "aligned": []}}
         super().__init__(lambda name: name.endswith("self_attn.k_proj"))
 
     def process(self, layer) -> None:
@@ -102,7 +103,8 @@ class KVHeads(Stage):
         proc = _Merger(self, config)
         run_layerwise(ctx.model, ctx.windows(), proc, offload=ctx.calibration.offload, description="kv-heads")
         config.num_key_value_heads = self._target
-        rep = {"kv_heads": [before, self._target], "kv_bytes_per_token": kv.cache_bytes(config, 1), "merge": self.merge, "grouping": self.grouping,
+        rep = {"kv_heads": [before, self._target], "kv_bytes_per_token": kv.cache_bytes(config, 1),
+               "merge": self.merge, "grouping": self.grouping,
                "key_error": {k: _mean(v) for k, v in proc.report["key_error"].items()},
                "value_error": {k: _mean(v) for k, v in proc.report["value_error"].items()},
                "groups": proc.report["groups"]}

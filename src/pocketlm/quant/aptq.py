@@ -220,7 +220,8 @@ class APTQ(Stage):
         shapes = {n: tuple(ctx.module(n).weight.shape) for n in names}
         params = sum(a * b for a, b in shapes.values())
         if self.formats is not None:
-            smallest = sum(min(ggml_bits(t, shp) for t in ggml_options(self.formats, shp[1])) for shp in shapes.values())
+            smallest = sum(min(ggml_bits(t, shp) for t in ggml_options(self.formats, shp[1]))
+                           for shp in shapes.values())
         else:
             smallest = sum(min(s.storage_bits(*shp) for s in self.specs()) for shp in shapes.values())
         if self.bpw is not None:

@@ -61,7 +61,10 @@ def gptq(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128
     d_out, d_in = W.shape
     gl = spec.group_len(d_in)
     n_groups = spec.n_groups(d_in)
-    bits = torch.full((d_out,), float(spec.bits), device=W.device) if row_bits is None else row_bits.float().to(W.device)
+    if row_bits is None:
+        bits = torch.full((d_out,), float(spec.bits), device=W.device)
+    else:
+        bits = row_bits.float().to(W.device)
     maxq = 2**bits - 1
     diag = torch.diag(H0).clone()
     dead = diag == 0

@@ -49,7 +49,8 @@ class TrainConfig:
     stop_after: int | None = None  # (tests) return after this many steps, as if killed
 
     def fingerprint(self, windows: torch.Tensor) -> str:
-        keys = {k: str(v) for k, v in self.__dict__.items() if k not in ("state_file", "stop_after", "checkpoint_every")}
+        skip = ("state_file", "stop_after", "checkpoint_every")
+        keys = {k: str(v) for k, v in self.__dict__.items() if k not in skip}
         h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
         h.update(windows.numpy().tobytes())
         return h.hexdigest()[:16]

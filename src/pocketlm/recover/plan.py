@@ -212,7 +212,8 @@ def activation_parts(prof: Profile, states: list[str], micro: int, loss_chunk: i
 
 
 def make_plan(prof: Profile, budget: int, resident: int, n_trainable: int, batch: int, optimizer: str = "adamw",
-              state_dtype: str = "auto", adashift_n: int = 10, loss_chunk: int = 256, hint: str = "shorten seq_len") -> Plan:
+              state_dtype: str = "auto", adashift_n: int = 10, loss_chunk: int = 256,
+              hint: str = "shorten seq_len") -> Plan:
     """The largest micro-batch (a divisor of ``batch``) that fits ``budget``, recomputing as
     little as possible: layers move to recompute states in the order of most bytes freed per
     second of recomputation. Raises with the smallest budget that would fit when none does."""

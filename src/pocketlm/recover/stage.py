@@ -48,7 +48,8 @@ class Recover(Stage):
     memory: str | None = Field(None, description="memory budget (e.g. 2GiB): plan micro-batch and recomputation")
     state_dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="optimizer state dtype")
     compute_dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="autocast dtype of training; auto: bfloat16 where this CPU multiplies it fast, else float32")
+        "auto",
+        description="autocast dtype of training; auto: bfloat16 where this CPU multiplies it fast, else float32")
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     norms: bool = Field(True, description="also tune the decoder layers' norm weights")
     text: str | None = Field(None, description="training text (default: the calibration text)")

@@ -45,7 +45,8 @@ class MaskedLoRA(nn.Module):
         self.A = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))
         self.B = nn.Parameter(torch.zeros(d_out, rank))
         self.scale = alpha / rank
-        self.register_buffer("mask", None if mask is None else mask.to(self.weight.device, torch.bool), persistent=False)
+        mask = None if mask is None else mask.to(self.weight.device, torch.bool)
+        self.register_buffer("mask", mask, persistent=False)
 
     def merged(self) -> torch.Tensor:
         w = self.weight + self.scale * (self.B @ self.A)

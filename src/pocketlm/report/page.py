@@ -64,7 +64,8 @@ def summary(page: Page, runs: list[Run]) -> None:
     ev = next((r.eval for r in runs if r.eval), None)
     if ev:
         page.add(f"<p class=note>Evaluation: {_fmt(ev.get('windows'))} windows of {_fmt(ev.get('seq_len'))} tokens "
-                 f"of {html.escape(str(ev.get('corpus')))} ({_fmt(ev.get('tokens_scored'))} tokens scored); KL and top-1 "
+                 f"of {html.escape(str(ev.get('corpus')))} ({_fmt(ev.get('tokens_scored'))} tokens scored); "
+                 "KL and top-1 "
                  "against the uncompressed model, lower KL is better.</p>")
 
 
@@ -86,7 +87,8 @@ def pareto(page: Page, runs: list[Run], anchors: Anchors) -> None:
 def details(page: Page, r: Run) -> None:
     page.add(f"<h2>{html.escape(r.label)}</h2>")
     m = r.manifest
-    page.add(f"<p class=meta>{html.escape(str(m.get('source') or 'a model in memory'))} → recipe {html.escape(str(m.get('recipe')))}; "
+    page.add(f"<p class=meta>{html.escape(str(m.get('source') or 'a model in memory'))} → "
+             f"recipe {html.escape(str(m.get('recipe')))}; "
              f"pocketlm {html.escape(str(m.get('pocketlm_version')))}, torch "
              f"{html.escape(str((m.get('machine') or {}).get('torch')))}, "
              f"{_fmt((m.get('machine') or {}).get('threads'))} threads; {html.escape(str(m.get('created')))}</p>")
@@ -109,9 +111,9 @@ def details(page: Page, r: Run) -> None:
     sens = r.sensitivity()
     if sens:
         rows, cols, vals, tips = sens
-        page.chart(charts.heatmap(vals, rows, cols, "Sensitivity (APTQ's estimated loss increase)", "cost", tips,
-                                  log=True), "APTQ's curvature-weighted error of each linear at its most common option: "
-                                             "brighter linears got more bits.")
+        chart = charts.heatmap(vals, rows, cols, "Sensitivity (APTQ's estimated loss increase)", "cost", tips, log=True)
+        page.chart(chart, "APTQ's curvature-weighted error of each linear at its most common option: "
+                          "brighter linears got more bits.")
     bi = r.stage("remove-layers")
     if bi and bi.get("block_influence"):
         v = bi["block_influence"]
@@ -175,7 +177,8 @@ def fit_page(fit: dict, anchors: Anchors) -> str:
     page.add("<h2>The chosen file, measured again</h2>")
     page.add(_table(["file bytes", "peak RSS MiB", "KV cache MiB", "prefill tok/s", "decode tok/s", "budgets met"],
                     [[again.get("bytes"), again.get("peak_rss_mib"), again.get("kv_cache_mib"), again.get("pp_tok_s"),
-                      again.get("tg_tok_s"), ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in fit["meets"].items())]]))
+                      again.get("tg_tok_s"),
+                      ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in fit["meets"].items())]]))
     pts = [{"label": c["name"], "bytes": c["measured"]["file_bytes"], "kl": c["measured"]["kl"],
             "ppl": c["measured"]["ppl"], "anchor": False} for c in fit["candidates"] if c.get("measured")]
     if pts:

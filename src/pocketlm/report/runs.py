@@ -47,7 +47,8 @@ class Run:
 
     def gguf(self) -> tuple[str, dict] | None:
         """The first GGUF export (its path inside the directory and its report), if any."""
-        return next(((k, v) for k, v in (self.manifest.get("exports") or {}).items() if v.get("format") == "gguf"), None)
+        exports = self.manifest.get("exports") or {}
+        return next(((k, v) for k, v in exports.items() if v.get("format") == "gguf"), None)
 
     def file_bytes(self) -> int | None:
         """Bytes of what a runtime loads: the GGUF export, else the whole directory."""
@@ -77,7 +78,10 @@ class Run:
         hist = st.get("plan_histogram") or {}
         common = max(hist, key=hist.get) if hist else None
         costs = st["costs"]
-        label = common if common and all(common in c for c in costs.values()) else next(iter(next(iter(costs.values()))))
+        if common and all(common in c for c in costs.values()):
+            label = common
+        else:
+            label = next(iter(next(iter(costs.values()))))
         return _grid({n: (c.get(label), label) for n, c in costs.items()}, "estimated loss increase")
 
 
