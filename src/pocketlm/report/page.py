@@ -65,8 +65,7 @@ def summary(page: Page, runs: list[Run]) -> None:
     if ev:
         page.add(f"<p class=note>Evaluation: {_fmt(ev.get('windows'))} windows of {_fmt(ev.get('seq_len'))} tokens "
                  f"of {html.escape(str(ev.get('corpus')))} ({_fmt(ev.get('tokens_scored'))} tokens scored); "
-                 "KL and top-1 "
-                 "against the uncompressed model, lower KL is better.</p>")
+                 "KL and top-1 against the uncompressed model, lower KL is better.</p>")
 
 
 def pareto(page: Page, runs: list[Run], anchors: Anchors) -> None:
