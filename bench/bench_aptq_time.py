@@ -4,11 +4,13 @@
 
 Draws the calibration windows once, times a plain forward pass of every window through the
 float model (logits included), then times ``compress`` with the ``aptq`` preset at the given
-budget on the very same windows, in the same process. One JSON line (bench/results/aptq_time.jsonl).
+budget on the very same windows, in the same process. One JSON line (bench/results/aptq_time.jsonl),
+which replaces an earlier run of the same budget and windows.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, emit  # noqa: E402
+from common import RESULTS, _replace_line, emit  # noqa: E402
 
 
 def main():
@@ -42,14 +44,14 @@ def main():
     res = pocketlm.compress(model, recipe, tokenizer=tok, calibration=windows)
     compress_s = time.perf_counter() - t
     st = res.stages[0]
-    rec = emit({"bench": "aptq_time", "model": "smollm2-135m", "bpw_budget": a.bpw,
+    rec = emit({"bench": "aptq_time", "config": f"aptq-{a.bpw}-{a.windows}x{a.seq_len}",
+                "model": "smollm2-135m", "bpw_budget": a.bpw,
                 "bpw_quantized": res.context.size_report()["bpw_quantized"], "windows": a.windows,
                 "seq_len": a.seq_len, "dtype": "float32", "float_forward_s": round(forward_s, 1),
                 "compress_s": round(compress_s, 1), "ratio": round(compress_s / forward_s, 3),
                 "plan": st.get("plan_histogram")})
     RESULTS.mkdir(exist_ok=True)
-    with (RESULTS / "aptq_time.jsonl").open("a") as f:
-        f.write(rec + "\n")
+    _replace_line(RESULTS / "aptq_time.jsonl", json.loads(rec)["config"], rec)
 
 
 if __name__ == "__main__":
